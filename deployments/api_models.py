@@ -1,0 +1,256 @@
+"""Request and response bodies of the three HTTP APIs, and their mapping onto one generation.
+
+Types and fixed bounds are checked by pydantic (FastAPI answers with the field's name); bounds
+that come from the config (``limits``) and names that must exist (model, sampler) are checked
+by ``resolve``, which also speaks the caller's own field names in its errors.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import InvalidRequestError
+from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler_name
+from pipeline.seeds import MAX_SEED, resolve_seed
+
+from deployments.catalog import ModelInfo
+from deployments.settings import Limits
+
+SIZE_MULTIPLE = 8
+
+
+class ApiError(Exception):
+    """A caller's mistake: ``field`` in the caller's own vocabulary, a status if not the route's
+    default (400 for the OpenAI route, 422 elsewhere)."""
+
+    def __init__(self, field: str, message: str, status: int | None = None,
+                 code: str = "invalid_value") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status, self.code = field, message, status, code
+
+
+Seed = Field(None, ge=-1, le=MAX_SEED, description="absent or -1: random")
+Side = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+
+
+# --- native -------------------------------------------------------------------------------------
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. Unknown fields are refused so that a typo is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = Side
+    height: int | None = Side
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(5.0, ge=0.0, allow_inf_nan=False)
+    seed: int | None = Seed
+    sampler: str = DEFAULT_SAMPLER
+    model: str | None = None
+
+
+# --- OpenAI Images API --------------------------------------------------------------------------
+
+class OpenAIImageRequest(BaseModel):
+    """POST /v1/images/generations; OpenAI-only knobs (quality, style, user...) are accepted and
+    ignored, as a drop-in backend must."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: str | None = None
+    output_format: str | None = None
+    stream: bool | None = None
+    negative_prompt: str | None = None  # not OpenAI's, but Open WebUI and others send it
+    steps: int | None = Field(None, ge=1)
+    seed: int | None = Seed
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: Literal["png"] = "png"
+    size: str | None = None
+
+
+# --- AUTOMATIC1111 ------------------------------------------------------------------------------
+
+class Txt2ImgRequest(BaseModel):
+    """POST /sdapi/v1/txt2img. Defaults are the A1111 web UI's; A1111 fields Raydiance does not
+    implement (hires fix, restore_faces, ...) are accepted and ignored, as A1111 does."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    steps: int = Field(20, ge=1)
+    cfg_scale: float = Field(7.0, ge=0.0, allow_inf_nan=False)
+    width: int | None = Side
+    height: int | None = Side
+    seed: int | None = Field(-1, ge=-1, le=MAX_SEED)
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    override_settings: dict[str, Any] | None = None
+
+
+class Txt2ImgResponse(BaseModel):
+    images: list[str]
+    parameters: dict[str, Any]
+    info: str
+
+
+# --- one generation, whatever the API -----------------------------------------------------------
+
+@dataclass
+class Generation:
+    """A request in API-neutral form; ``fields`` maps its names to the caller's for errors."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int | None = None
+    sampler: str = DEFAULT_SAMPLER
+    model: str | None = None
+    count: int = 1
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def name(self, key: str) -> str:
+        return self.fields.get(key, key)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A validated generation: every value concrete, the seed drawn."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: str
+    model: str
+    count: int
+
+    def infotext(self, seed: int) -> str:
+        """A1111's "parameters" text, written into each PNG."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.guidance_scale:g}, "
+                     f"Seed: {seed}, Size: {self.width}x{self.height}, Model: {self.model}")
+        return "\n".join(lines)
+
+
+def resolve(generation: Generation, models: dict[str, ModelInfo], default_model: str,
+            limits: Limits) -> Resolved:
+    """Check ``generation`` against the served models and the configured limits."""
+    g = generation
+    model_name = g.model or default_model
+    if model_name not in models:
+        raise ApiError(g.name("model"), f"unknown model {model_name!r}; served: {', '.join(models)}",
+                       status=404, code="model_not_found")
+    info = models[model_name]
+    width, height = g.width or info.native_size, g.height or info.native_size
+    for key, value, limit in (("width", width, limits.max_width), ("height", height, limits.max_height)):
+        if value % SIZE_MULTIPLE or value < SIZE_MULTIPLE:
+            raise ApiError(g.name(key), f"{value} is not a positive multiple of {SIZE_MULTIPLE}")
+        if value > limit:
+            raise ApiError(g.name(key), f"{value} is above this server's limit of {limit}")
+    if not 1 <= g.steps <= limits.max_steps:
+        raise ApiError(g.name("steps"), f"{g.steps} is outside 1..{limits.max_steps}")
+    if not 1 <= g.count <= limits.max_images:
+        raise ApiError(g.name("count"), f"{g.count} images asked for; this server makes 1.."
+                       f"{limits.max_images} per request")
+    if not (0.0 <= g.guidance_scale < float("inf")):
+        raise ApiError(g.name("guidance_scale"), "must be a finite number >= 0")
+    for key, text in (("prompt", g.prompt), ("negative_prompt", g.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(g.name(key), f"{len(text)} characters; the limit is {limits.max_prompt_chars}",
+                           status=413, code="too_long")
+    try:
+        sampler = canonical_sampler_name(g.sampler)
+    except InvalidRequestError as error:
+        raise ApiError(g.name("sampler"), error.message) from None
+    if g.seed is not None and g.seed > MAX_SEED:
+        raise ApiError(g.name("seed"), f"must be -1 (random) or 0..{MAX_SEED}")
+    return Resolved(prompt=g.prompt, negative_prompt=g.negative_prompt, width=width, height=height,
+                    steps=g.steps, guidance_scale=float(g.guidance_scale), seed=resolve_seed(g.seed),
+                    sampler=sampler, model=model_name, count=g.count)
+
+
+# --- API-specific mappings ----------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+
+def from_native(body: GenerateRequest) -> Generation:
+    return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
+                      height=body.height, steps=body.steps, guidance_scale=body.guidance_scale,
+                      seed=body.seed, sampler=body.sampler, model=body.model)
+
+
+def from_openai(body: OpenAIImageRequest) -> Generation:
+    if body.response_format not in (None, "b64_json"):
+        raise ApiError("response_format", f"{body.response_format!r} is not served: this server "
+                       "keeps no image files to link to; ask for 'b64_json'", status=400,
+                       code="unsupported_value")
+    if body.stream:
+        raise ApiError("stream", "streamed partial images are not served; leave stream off",
+                       status=400, code="unsupported_value")
+    if body.output_format not in (None, "png"):
+        raise ApiError("output_format", f"{body.output_format!r} is not served; only 'png'",
+                       status=400, code="unsupported_value")
+    width = height = None
+    if body.size not in (None, "", "auto"):
+        match = _SIZE.match(body.size)
+        if not match:
+            raise ApiError("size", f"{body.size!r} is not WIDTHxHEIGHT (e.g. '512x512') or 'auto'")
+        width, height = int(match[1]), int(match[2])
+    return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width,
+                      height=height, steps=body.steps or 20, seed=body.seed, model=body.model,
+                      count=body.n, fields={"width": "size", "height": "size", "count": "n"})
+
+
+A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
+
+
+def from_txt2img(body: Txt2ImgRequest, selected_model: str | None) -> Generation:
+    fields = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "count": "batch_size",
+              "model": "override_settings.sd_model_checkpoint"}
+    sampler = body.sampler_name or body.sampler_index or DEFAULT_SAMPLER
+    scheduler = (body.scheduler or "automatic").strip().lower()
+    if scheduler not in A1111_SCHEDULERS:
+        raise ApiError("scheduler", f"{body.scheduler!r} is not served; choose one of "
+                       f"{', '.join(A1111_SCHEDULERS.values())}")
+    if scheduler == "karras" and not sampler.lower().endswith("karras"):
+        if f"{sampler} Karras".lower() not in {s.lower() for s in SAMPLERS}:
+            raise ApiError("scheduler", f"sampler {sampler!r} has no Karras variant here")
+        sampler = f"{sampler} Karras"
+    model = (body.override_settings or {}).get("sd_model_checkpoint")
+    if model is None:
+        model, fields["model"] = selected_model, "sd_model_checkpoint"
+    return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt or None,
+                      width=body.width, height=body.height, steps=body.steps,
+                      guidance_scale=body.cfg_scale, seed=body.seed, sampler=sampler,
+                      model=model, count=body.batch_size * body.n_iter, fields=fields)

@@ -1,0 +1,236 @@
+"""Ingress: the HTTP API (native, OpenAI Images, AUTOMATIC1111) and the fan-out over the stages.
+
+The Ingress never touches a tensor: it validates, then chains DeploymentResponses
+(``decode(denoise(encode(...)))``) so that embeddings and latents go replica to replica through
+Ray's object store, and awaits only the finished PNGs.
+
+No ``from __future__ import annotations`` here: Serve's class-based FastAPI views resolve the
+route methods' annotations in Ray's own module, where string annotations name nothing.
+"""
+import asyncio
+import base64
+import json
+import time
+from typing import Any
+
+from fastapi import Body, FastAPI
+from fastapi.responses import Response
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.denoise import DenoiseParams
+from pipeline.errors import InvalidRequestError, RaydianceError
+from pipeline.samplers import SAMPLERS
+from pipeline.seeds import MAX_SEED
+
+from deployments.api_models import (
+    A1111_SCHEDULERS,
+    ApiError,
+    GenerateRequest,
+    OpenAIImage,
+    OpenAIImageRequest,
+    OpenAIImagesResponse,
+    Resolved,
+    Txt2ImgRequest,
+    Txt2ImgResponse,
+    from_native,
+    from_openai,
+    from_txt2img,
+    resolve,
+)
+from deployments.catalog import ModelInfo
+from deployments.http_errors import install_error_handlers
+from deployments.messages import Decoded, EncodeRequest
+from deployments.settings import Limits
+
+STAGE_TIMINGS = ("encode", "denoise", "decode")
+
+MAX_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
+
+api = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
+              version="0.1.0")
+install_error_handlers(api, max_body_bytes=MAX_BODY_BYTES)
+
+
+class IngressSettings(BaseModel):
+    models: dict[str, ModelInfo]
+    default_model: str
+    limits: Limits
+    request_timeout_s: float = 300.0
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The user exception inside Ray's wrappers (RayTaskError.cause, possibly nested)."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    return error
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
+                 vae_decoder: DeploymentHandle, settings: IngressSettings) -> None:
+        self.text_encoder, self.denoiser, self.vae_decoder = text_encoder, denoiser, vae_decoder
+        self.settings = settings
+        self.active_images = 0
+        # A1111 keeps one selected checkpoint per server; so does each Ingress replica here.
+        self.a1111_options: dict[str, Any] = {
+            "sd_model_checkpoint": settings.default_model, "sd_checkpoint_hash": None,
+            "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+        }
+
+    # --- the DAG ------------------------------------------------------------------------------
+
+    async def _run(self, job: Resolved) -> list[tuple[int, Decoded]]:
+        """Encode once, then denoise and decode each image; returns (seed, PNG) per image."""
+        encoded = self.text_encoder.encode.remote(
+            EncodeRequest(job.model, job.prompt, job.negative_prompt))
+        seeds = [(job.seed + i) % (MAX_SEED + 1) for i in range(job.count)]
+        responses = []
+        for seed in seeds:
+            params = DenoiseParams(job.width, job.height, job.steps, job.guidance_scale, seed, job.sampler)
+            latents = self.denoiser.denoise.remote(encoded, params)
+            responses.append(self.vae_decoder.decode.remote(latents, job.infotext(seed)))
+        self.active_images += job.count
+        try:
+            decoded = await asyncio.wait_for(asyncio.gather(*responses), self.settings.request_timeout_s)
+        except BaseException as error:
+            for response in [encoded, *responses]:
+                response.cancel()  # a caller gone or timed out: stop the stages' work too
+            translated = self._translate(error)
+            if translated is error:
+                raise
+            raise translated from error
+        finally:
+            self.active_images -= job.count
+        return list(zip(seeds, decoded))
+
+    @staticmethod
+    def _translate(error: BaseException) -> BaseException:
+        cause = _root_cause(error)
+        if isinstance(cause, InvalidRequestError):
+            return ApiError(cause.field, cause.message)
+        if isinstance(error, asyncio.TimeoutError):
+            return ApiError("request", "timed out; the server is busy, retry later", status=503,
+                            code="timeout")
+        if isinstance(cause, BackPressureError):
+            return ApiError("request", "the server is at capacity, retry later", status=503,
+                            code="overloaded")
+        if isinstance(cause, RaydianceError):
+            return ApiError("model", str(cause), status=500, code="model_error")
+        return error
+
+    def _resolve(self, generation) -> Resolved:
+        return resolve(generation, self.settings.models, self.settings.default_model,
+                       self.settings.limits)
+
+    # --- native ---------------------------------------------------------------------------------
+
+    @api.post("/v1/generate", response_class=Response,
+              responses={200: {"content": {"image/png": {}}}})
+    async def generate(self, body: GenerateRequest) -> Response:
+        start = time.perf_counter()
+        job = self._resolve(from_native(body))
+        ((seed, decoded),) = await self._run(job)
+        timings = {**decoded.timings, "total": (time.perf_counter() - start) * 1000}
+        headers = {
+            "x-raydiance-seed": str(seed), "x-raydiance-model": job.model,
+            "x-raydiance-width": str(job.width), "x-raydiance-height": str(job.height),
+            "x-raydiance-steps": str(job.steps), "x-raydiance-sampler": job.sampler,
+            "x-raydiance-guidance-scale": f"{job.guidance_scale:g}",
+            "server-timing": ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items()),
+        }
+        headers.update({f"x-raydiance-{k}-ms": f"{v:.1f}" for k, v in timings.items()})
+        return Response(decoded.png, media_type="image/png", headers=headers)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
+                 "family": info.family, "native_size": info.native_size,
+                 "default": info.name == self.settings.default_model}
+                for info in self.settings.models.values()]
+        return {"object": "list", "data": data}
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": list(self.settings.models),
+                "default_model": self.settings.default_model}
+
+    # --- OpenAI Images API ------------------------------------------------------------------------
+
+    @api.post("/v1/images/generations", response_model=OpenAIImagesResponse)
+    async def openai_generations(self, body: OpenAIImageRequest) -> OpenAIImagesResponse:
+        job = self._resolve(from_openai(body))
+        images = await self._run(job)
+        data = [OpenAIImage(b64_json=base64.b64encode(d.png).decode("ascii")) for _, d in images]
+        return OpenAIImagesResponse(created=int(time.time()), data=data,
+                                    size=f"{job.width}x{job.height}")
+
+    # --- AUTOMATIC1111 ----------------------------------------------------------------------------
+
+    @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
+    async def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
+        job = self._resolve(from_txt2img(body, self.a1111_options["sd_model_checkpoint"]))
+        images = await self._run(job)
+        seeds = [seed for seed, _ in images]
+        info = {
+            "prompt": job.prompt, "all_prompts": [job.prompt] * job.count,
+            "negative_prompt": job.negative_prompt or "",
+            "all_negative_prompts": [job.negative_prompt or ""] * job.count,
+            "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * job.count,
+            "width": job.width, "height": job.height, "sampler_name": job.sampler,
+            "cfg_scale": job.guidance_scale, "steps": job.steps, "batch_size": body.batch_size,
+            "n_iter": body.n_iter, "sd_model_name": job.model, "sd_model_hash": None,
+            "infotexts": [job.infotext(seed) for seed in seeds], "job_timestamp":
+            time.strftime("%Y%m%d%H%M%S"), "version": "raydiance",
+        }
+        return Txt2ImgResponse(images=[base64.b64encode(d.png).decode("ascii") for _, d in images],
+                               parameters=body.model_dump(mode="json"), info=json.dumps(info))
+
+    @api.get("/sdapi/v1/sd-models")
+    async def sd_models(self) -> list[dict[str, Any]]:
+        return [{"title": info.name, "model_name": info.name, "hash": None, "sha256": None,
+                 "filename": info.path, "config": None} for info in self.settings.models.values()]
+
+    @api.get("/sdapi/v1/samplers")
+    async def samplers(self) -> list[dict[str, Any]]:
+        return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
+
+    @api.get("/sdapi/v1/schedulers")
+    async def schedulers(self) -> list[dict[str, Any]]:
+        return [{"name": key, "label": label, "aliases": None, "default_rho": -1,
+                 "need_inner_model": False} for key, label in A1111_SCHEDULERS.items()]
+
+    @api.get("/sdapi/v1/upscalers")
+    async def upscalers(self) -> list[dict[str, Any]]:
+        return []
+
+    @api.get("/sdapi/v1/sd-vae")
+    async def sd_vae(self) -> list[dict[str, Any]]:
+        return []
+
+    @api.get("/sdapi/v1/options")
+    async def get_options(self) -> dict[str, Any]:
+        return dict(self.a1111_options)
+
+    @api.post("/sdapi/v1/options")
+    async def set_options(self, body: dict[str, Any] = Body(...)) -> None:
+        """Open WebUI posts back the whole options object with one key changed: unknown keys
+        are accepted and ignored; only the checkpoint is checked and kept."""
+        model = body.get("sd_model_checkpoint")
+        if model is not None:
+            if model not in self.settings.models:
+                raise ApiError("sd_model_checkpoint", f"unknown model {model!r}; served: "
+                               f"{', '.join(self.settings.models)}", status=404, code="model_not_found")
+            self.a1111_options["sd_model_checkpoint"] = model
+        return None
+
+    @api.get("/sdapi/v1/progress")
+    async def progress(self) -> dict[str, Any]:
+        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": False, "job": "",
+                          "job_count": self.active_images, "job_timestamp": "0", "job_no": 0,
+                          "sampling_step": 0, "sampling_steps": 0}}

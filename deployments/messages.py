@@ -1,0 +1,39 @@
+"""What crosses a stage boundary: small dataclasses of CPU tensors plus the timings so far.
+
+Each stage adds its own compute time to ``timings`` (milliseconds), so the Ingress can report
+per-stage timings although the data went replica to replica without passing through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.conditioning import Conditioning
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+
+
+@dataclass
+class Encoded:
+    model: str
+    conditioning: Conditioning
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Denoised:
+    model: str
+    latents: torch.Tensor  # (1, C, h, w), CPU
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Decoded:
+    png: bytes
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,130 @@
+"""The application's arguments (``args:`` in serve_config.yaml), validated by pydantic.
+
+Kept apart from ``app.py`` so that replicas import the settings without importing the builder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL_DIR
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder")
+
+
+class _Strict(BaseModel):
+    # A typo in serve_config.yaml should fail the deploy, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Strict):
+    """What one request may ask for; anything beyond is answered 4xx naming the field."""
+
+    max_width: PositiveInt = 1024
+    max_height: PositiveInt = 1024
+    max_steps: PositiveInt = 100
+    max_images: PositiveInt = 4
+    max_prompt_chars: PositiveInt = 2000
+
+
+class BatchKnobs(_Strict):
+    """@serve.batch settings of a batched stage (text encoder, VAE decoder)."""
+
+    max_batch_size: PositiveInt = 8
+    # How long the first request of a batch waits for company. Small: at concurrency 1 this is
+    # pure added latency; under load batches fill while the previous batch computes anyway.
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0)
+
+
+class DenoiserKnobs(_Strict):
+    """The Denoiser's engine. ``sequential``: one request at a time per replica, first come first
+    served; the step-batching engine of a later issue plugs in behind the same interface."""
+
+    engine: Literal["sequential"] = "sequential"
+
+
+ActorOptions = dict[str, Any]
+
+
+def _cpu_placement() -> dict[str, ActorOptions]:
+    # Fractions that fit 2 cores with room for a second Denoiser replica when autoscaling.
+    return {"Ingress": {"num_cpus": 0.1}, "TextEncoder": {"num_cpus": 0.1},
+            "Denoiser": {"num_cpus": 0.8}, "VAEDecoder": {"num_cpus": 0.1}}
+
+
+def _gpu_placement() -> dict[str, ActorOptions]:
+    # CLIP and VAE are small: they share one card (fractions); the UNet owns a whole card.
+    return {"Ingress": {"num_cpus": 0.1},
+            "TextEncoder": {"num_cpus": 0.5, "num_gpus": 0.25},
+            "Denoiser": {"num_cpus": 1.0, "num_gpus": 1.0},
+            "VAEDecoder": {"num_cpus": 0.5, "num_gpus": 0.25}}
+
+
+class Placement(_Strict):
+    """``ray_actor_options`` per stage for CPU and GPU clusters; ``accelerator`` picks the set.
+
+    A ``ray_actor_options`` under ``deployments:`` in the config file replaces these entirely.
+    """
+
+    cpu: dict[str, ActorOptions] = Field(default_factory=_cpu_placement)
+    gpu: dict[str, ActorOptions] = Field(default_factory=_gpu_placement)
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> "Placement":
+        for kind in ("cpu", "gpu"):
+            unknown = set(getattr(self, kind)) - set(STAGES)
+            if unknown:
+                raise ValueError(f"placement.{kind}: unknown stage(s) {sorted(unknown)}; "
+                                 f"stages are {', '.join(STAGES)}")
+        return self
+
+
+class AppArgs(_Strict):
+    """Everything ``build_app`` needs; see serve_config.yaml for each knob explained."""
+
+    models: dict[str, str] = Field(default_factory=lambda: {"tiny-shapes": str(BUILTIN_MODEL_DIR)})
+    default_model: str | None = None
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    limits: Limits = Field(default_factory=Limits)
+    text_encoder: BatchKnobs = Field(default_factory=BatchKnobs)
+    vae_decoder: BatchKnobs = Field(default_factory=BatchKnobs)
+    denoiser: DenoiserKnobs = Field(default_factory=DenoiserKnobs)
+    placement: Placement = Field(default_factory=Placement)
+    request_timeout_s: PositiveFloat = 300.0
+
+    @model_validator(mode="after")
+    def _default_is_served(self) -> "AppArgs":
+        if not self.models:
+            raise ValueError("models: name at least one model (name: path)")
+        if self.default_model is None:
+            self.default_model = next(iter(self.models))
+        elif self.default_model not in self.models:
+            raise ValueError(f"default_model: {self.default_model!r} is not one of models "
+                             f"({', '.join(self.models)})")
+        return self
+
+
+class StageSettings(_Strict):
+    """What a model-holding replica needs: where the models are and which device to use."""
+
+    model_paths: dict[str, str]
+    default_model: str
+    accelerator: Literal["auto", "cpu", "cuda"]
+
+
+def resolve_model_path(path: str, base: Path | None = None) -> Path:
+    """An absolute model path: relative ones against ``base`` (the cwd), then the project root.
+
+    ``serve run`` is normally started beside serve_config.yaml, so the cwd is the config's
+    folder; the project-root fallback lets ``models/tiny-shapes`` work from anywhere.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    for root in (base or Path.cwd(), PROJECT_ROOT):
+        if (root / candidate).exists():
+            return (root / candidate).resolve()
+    return ((base or Path.cwd()) / candidate).resolve()

@@ -1,0 +1,62 @@
+"""VAEDecoder: latents to PNG bytes, many requests per VAE forward (@serve.batch).
+
+PNG encoding happens here rather than in the Ingress: the Ingress stays light and a PNG is
+smaller to send back than pixels.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+from ray import serve
+
+from pipeline.decode import decode_latents
+from pipeline.images import encode_png
+
+from deployments.messages import Decoded, Denoised
+from deployments.replica import ModelStore, TorchWorker, pin_torch_threads, placement_report
+from deployments.settings import BatchKnobs, StageSettings
+
+
+@serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
+class VAEDecoder:
+    def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
+        pin_torch_threads()
+        self.store = ModelStore(settings)
+        self.worker = TorchWorker()
+        self._decode_batch.set_max_batch_size(knobs.max_batch_size)
+        self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+
+    async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
+        result = await self._decode_batch((denoised, png_parameters))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _decode_batch(self, items: list[tuple[Denoised, str | None]]) -> list[Decoded | BaseException]:
+        return await self.worker.run(self._decode_sync, items)
+
+    def _decode_sync(self, items: list[tuple[Denoised, str | None]]) -> list[Decoded | BaseException]:
+        results: list[Decoded | BaseException | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = defaultdict(list)  # one VAE forward per model and shape
+        for i, (denoised, _) in enumerate(items):
+            groups[(denoised.model, tuple(denoised.latents.shape))].append(i)
+        for (name, _), indices in groups.items():
+            start = time.perf_counter()
+            try:
+                model = self.store.get(name)
+                pixels = decode_latents(model, torch.cat([items[i][0].latents for i in indices]))
+                pngs = [encode_png(p, items[i][1]) for p, i in zip(pixels, indices)]
+            except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to
+                for i in indices:
+                    results[i] = error
+                continue
+            ms = (time.perf_counter() - start) * 1000
+            for i, png in zip(indices, pngs):
+                results[i] = Decoded(png, {**items[i][0].timings, "decode": ms})
+        return results  # type: ignore[return-value]
+
+    def placement(self) -> dict:
+        return placement_report(self.store)

@@ -1,0 +1,147 @@
+"""The engine loop: one per Denoiser replica, running UNet steps off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol
+
+from pipeline.denoise import DenoiseJob
+from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
+from pipeline.engine.runner import UNetForward, plain_forward, run_step
+from pipeline.engine.scheduler import pick_step_group
+from pipeline.model import DiffusionModel
+
+
+class EngineObserver(Protocol):
+    """What the engine tells whoever exports metrics (the deployment); all optional no-ops."""
+
+    def on_forward(self, model: str, rows: int, requests: int, seconds: float) -> None: ...
+
+    def on_finished(self, model: str, result: EngineResult) -> None: ...
+
+    def on_cancelled(self, model: str) -> None: ...
+
+    def on_active(self, count: int) -> None: ...
+
+
+class _Silent:
+    def on_forward(self, model: str, rows: int, requests: int, seconds: float) -> None:
+        pass
+
+    def on_finished(self, model: str, result: EngineResult) -> None:
+        pass
+
+    def on_cancelled(self, model: str) -> None:
+        pass
+
+    def on_active(self, count: int) -> None:
+        pass
+
+
+class DenoiseEngine:
+    """Denoises many requests at once, step by step.
+
+    ``submit`` is a coroutine: it returns when the request's last step is done. If the caller
+    is cancelled (client gone, handle call cancelled), the request leaves the batch at the next
+    step and no further UNet work is spent on it.
+    """
+
+    def __init__(self, get_model: Callable[[str], DiffusionModel], *, max_batch_rows: int = 16,
+                 forward: UNetForward = plain_forward, observer: EngineObserver | None = None) -> None:
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be at least 1")
+        self.get_model = get_model
+        self.max_batch_rows = max_batch_rows
+        self.forward = forward
+        self.observer = observer or _Silent()
+        self.active: list[ActiveRequest] = []
+        self.forwards = 0
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, request: EngineRequest) -> EngineResult:
+        loop = asyncio.get_running_loop()
+        model = self.get_model(request.model)
+        job = await loop.run_in_executor(self._executor, DenoiseJob, model, request.conditioning,
+                                         request.params)
+        active = ActiveRequest(request, job, loop.create_future())
+        self.active.append(active)
+        self.observer.on_active(len(self.active))
+        self._ensure_running()
+        self._wake.set()
+        try:
+            return await active.future
+        except asyncio.CancelledError:
+            active.cancelled = True  # the loop drops it before its next step
+            self._wake.set()
+            raise
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_cancelled()
+            group = pick_step_group(self.active, self.max_batch_rows)
+            if not group:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = time.perf_counter()
+            for request in group:
+                request.started = request.started or now
+            model_name = group[0].request.model
+            model = self.get_model(model_name)
+            try:
+                rows = await loop.run_in_executor(self._executor, run_step, model, group, self.forward)
+            except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
+                for request in group:
+                    self._finish(request, error=error)
+                continue
+            elapsed = time.perf_counter() - now
+            self.forwards += 1
+            self.observer.on_forward(model_name, rows, len(group), elapsed)
+            stepped = time.perf_counter()
+            for request in group:
+                request.last_stepped = stepped
+                if request.request.on_step:
+                    request.request.on_step(request.job.step_index, len(request.job.timesteps))
+                if request.job.done:
+                    self._finish(request)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.active if r.cancelled or r.future.done()]:
+            self.active.remove(request)
+            if request.cancelled:
+                self.observer.on_cancelled(request.request.model)
+        self.observer.on_active(len(self.active))
+
+    def _finish(self, request: ActiveRequest, error: Exception | None = None) -> None:
+        if request in self.active:
+            self.active.remove(request)
+        self.observer.on_active(len(self.active))
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+            return
+        job = request.job
+        started = request.started or request.submitted
+        result = EngineResult(
+            latents=job.latents.detach().to("cpu"),
+            steps_computed=getattr(job, "steps_computed", job.step_index),
+            steps_cached=getattr(job, "steps_cached", 0),
+            queued_s=started - request.submitted,
+            denoise_s=time.perf_counter() - started,
+        )
+        request.future.set_result(result)
+        self.observer.on_finished(request.request.model, result)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,23 @@
+"""Errors the engine raises for bad models or bad requests; the API maps them to statuses."""
+from __future__ import annotations
+
+
+class RaydianceError(Exception):
+    """Base of Raydiance's own errors."""
+
+
+class UnsafeWeightsError(RaydianceError):
+    """Weights in a pickle-based format (.ckpt, .pt, .bin, .pth): never unpickled."""
+
+
+class ModelLoadError(RaydianceError):
+    """A model folder or file that is missing or not something Raydiance can serve."""
+
+
+class InvalidRequestError(RaydianceError, ValueError):
+    """A request field the engine cannot honour; ``field`` names it for the caller."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

@@ -1,0 +1,88 @@
+"""``serve run serve_config.yaml`` as a user runs it: first image, then a clean Ctrl-C shutdown."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "serve_config.yaml"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def config_to_run(tmp_path: Path) -> tuple[Path, int]:
+    """The shipped config; a copy on a free port only if something already listens on 8000."""
+    config = yaml.safe_load(CONFIG.read_text())
+    port = config["http_options"]["port"]
+    if port_free(port):
+        return CONFIG, port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config["http_options"]["port"] = port
+    copy = tmp_path / "serve_config.yaml"
+    copy.write_text(yaml.safe_dump(config))
+    return copy, port
+
+
+def wait_for_image(url: str, process: subprocess.Popen, timeout_s: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"serve run exited early with {process.returncode}")
+        try:
+            response = httpx.post(f"{url}/v1/generate", timeout=60,
+                                  json={"prompt": "a red circle on a blue background", "seed": 1})
+            if response.status_code == 200:
+                return response
+            last = (response.status_code, response.text[:200])
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(1)
+    pytest.fail(f"no image from {url} after {timeout_s}s (last: {last!r})")
+
+
+def test_serve_run_first_image_then_clean_shutdown(tmp_path):
+    config, port = config_to_run(tmp_path)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    script = Path(sys.executable).parent / "serve"  # the `serve` of this interpreter's environment
+    serve_cli = [str(script)] if script.exists() else [sys.executable, "-c",
+                                                       "from ray.serve.scripts import cli; cli()"]
+    log = open(tmp_path / "serve_run.log", "w")
+    process = subprocess.Popen([*serve_cli, "run", str(config)], cwd=REPO, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        start = time.monotonic()
+        response = wait_for_image(f"http://127.0.0.1:{port}", process, timeout_s=240)
+        first_image_s = time.monotonic() - start
+        assert response.headers["content-type"] == "image/png"
+        assert response.content.startswith(b"\x89PNG")
+        assert response.headers["x-raydiance-seed"] == "1"
+        print(f"first image after {first_image_s:.1f}s")
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+        deadline = time.monotonic() + 30
+        while not port_free(port) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert port_free(port), "the HTTP port is still open after shutdown"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
+        if process.returncode not in (0, None):
+            print((tmp_path / "serve_run.log").read_text()[-5000:])

@@ -1,0 +1,62 @@
+"""One local Ray and one Raydiance app for every test in this package, over real HTTP.
+
+Package-scoped (the same thing as session-scoped for the tests here): Ray and Serve start once,
+and stop when the package's last test is done, so that tests/placement can start its own
+multi-node cluster afterwards.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+
+APP_NAME = "raydiance"
+LIMITS = {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4,
+          "max_prompt_chars": 300}
+
+
+@dataclass
+class Service:
+    url: str
+    client: httpx.Client
+
+    def generate(self, **body) -> httpx.Response:
+        return self.client.post("/v1/generate", json=body)
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@pytest.fixture(scope="package")
+def service():
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.local import deploy, free_port, wait_http
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        app = build_app({"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu",
+                         "limits": LIMITS})
+        deploy(app, APP_NAME, timeout_s=240)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", timeout_s=60)
+        with httpx.Client(base_url=url, timeout=120.0) as client:
+            yield Service(url, client)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,116 @@
+"""The app's arguments, placement choice and request validation, without Ray running."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.api_models import (
+    ApiError,
+    GenerateRequest,
+    OpenAIImageRequest,
+    Txt2ImgRequest,
+    from_native,
+    from_openai,
+    from_txt2img,
+    resolve,
+)
+from deployments.app import parse_args
+from deployments.catalog import describe_model
+from deployments.placement import actor_options
+from deployments.settings import AppArgs, Limits, Placement
+from pipeline.tiny_shapes import MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_config_is_valid_and_points_at_the_builtin_model(monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve_config.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "deployments.app:build_app"
+    assert config.http_options.host == "127.0.0.1" and config.http_options.port == 8000
+    monkeypatch.chdir(REPO)
+    args = parse_args(app.args)
+    assert Path(args.models["tiny-shapes"]) == MODEL_DIR.resolve()
+    cpus = sum(actor_options(stage, args.accelerator, args.placement, gpus=0)["num_cpus"]
+               for stage in ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder"))
+    assert cpus <= 2.0  # fits a 2-core machine
+
+
+def test_relative_model_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parse_args({"models": {"tiny": "models/tiny-shapes"}})
+    assert Path(args.models["tiny"]) == MODEL_DIR.resolve()
+    assert args.default_model == "tiny"
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"models": {"a": "x"}, "default_model": "b"}, "default_model"),
+    ({"models": {}}, "models"),
+    ({"accelerator": "tpu"}, "accelerator"),
+    ({"limits": {"max_steps": 0}}, "max_steps"),
+    ({"limitz": {}}, "limitz"),
+    ({"placement": {"cpu": {"Unet": {"num_cpus": 1}}}}, "Unet"),
+])
+def test_bad_args_fail_naming_the_key(args, field):
+    with pytest.raises(ValidationError, match=field):
+        AppArgs.model_validate(args)
+
+
+def test_placement_follows_accelerator_and_cluster():
+    placement = Placement()
+    assert actor_options("Denoiser", "auto", placement, gpus=0) == {"num_cpus": 0.8}
+    assert actor_options("Denoiser", "auto", placement, gpus=4)["num_gpus"] == 1
+    assert 0 < actor_options("TextEncoder", "auto", placement, gpus=1)["num_gpus"] < 1
+    assert "num_gpus" not in actor_options("Denoiser", "cpu", placement, gpus=8)
+    assert actor_options("Denoiser", "cuda", placement, gpus=0)["num_gpus"] == 1
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return {"tiny-shapes": describe_model("tiny-shapes", MODEL_DIR)}
+
+
+def test_catalog_reads_native_size_without_loading(catalog):
+    info = catalog["tiny-shapes"]
+    assert (info.family, info.native_size, info.vae_scale_factor) == ("sd15", 64, 4)
+
+
+def check(generation, catalog, limits=Limits()):
+    return resolve(generation, catalog, "tiny-shapes", limits)
+
+
+def test_resolve_fills_defaults_and_draws_a_seed(catalog):
+    job = check(from_native(GenerateRequest(prompt="a red circle on a blue background")), catalog)
+    assert (job.width, job.height, job.steps, job.sampler, job.model) == (64, 64, 20, "Euler", "tiny-shapes")
+    assert 0 <= job.seed < 2**32
+
+
+@pytest.mark.parametrize("generation,field,status", [
+    (from_native(GenerateRequest(prompt="x", width=2048)), "width", None),
+    (from_native(GenerateRequest(prompt="x", steps=101)), "steps", None),
+    (from_native(GenerateRequest(prompt="x", sampler="nope")), "sampler", None),
+    (from_native(GenerateRequest(prompt="x", model="nope")), "model", 404),
+    (from_native(GenerateRequest(prompt="x" * 2001)), "prompt", 413),
+    (from_openai(OpenAIImageRequest(prompt="x", size="64x60")), "size", None),
+    (from_openai(OpenAIImageRequest(prompt="x", n=5)), "n", None),
+    (from_txt2img(Txt2ImgRequest(prompt="x", cfg_scale=5, sampler_name="nope"), None), "sampler_name", None),
+    (from_txt2img(Txt2ImgRequest(prompt="x", batch_size=5), None), "batch_size", None),
+])
+def test_resolve_errors_speak_the_callers_field_names(catalog, generation, field, status):
+    with pytest.raises(ApiError) as raised:
+        check(generation, catalog)
+    assert raised.value.field == field and raised.value.status == status
+
+
+def test_openai_refuses_urls_and_a1111_maps_karras():
+    with pytest.raises(ApiError, match="response_format"):
+        from_openai(OpenAIImageRequest(prompt="x", response_format="url"))
+    generation = from_txt2img(Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M", scheduler="karras"), None)
+    assert generation.sampler == "DPM++ 2M Karras"
+    with pytest.raises(ApiError, match="scheduler"):
+        from_txt2img(Txt2ImgRequest(prompt="x", sampler_name="Euler", scheduler="karras"), None)

@@ -1,0 +1,85 @@
+"""The step-level batching engine, in process: invariance, batching, cancellation."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import torch
+
+from pipeline.conditioning import encode_prompts
+from pipeline.decode import decode_latents
+from pipeline.denoise import DenoiseParams, denoise
+from pipeline.engine import DenoiseEngine, EngineRequest
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background",
+           "a black triangle on a yellow background", "a purple circle on an orange background",
+           "a white square on a black background", "a yellow triangle on a green background",
+           "a blue circle on a red background", "an orange square on a purple background"]
+SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", "Euler", "Euler a"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def on_forward(self, model, rows, requests, seconds):
+        self.rows.append(rows)
+
+    def on_finished(self, model, result):
+        pass
+
+    def on_cancelled(self, model):
+        pass
+
+    def on_active(self, count):
+        pass
+
+
+def _requests(model):
+    conditionings = encode_prompts(model, PROMPTS, [None] * len(PROMPTS))
+    return [EngineRequest("tiny", c, DenoiseParams(64, 64, steps=6 + 2 * i, seed=100 + i,
+                                                   sampler=SAMPLERS[i], guidance_scale=1.0 + i))
+            for i, c in enumerate(conditionings)]
+
+
+def test_each_request_gets_its_solo_result_amid_others(builtin_model):
+    requests = _requests(builtin_model)
+    recorder = Recorder()
+
+    async def run():
+        engine = DenoiseEngine(lambda name: builtin_model, max_batch_rows=10, observer=recorder)
+        results = await asyncio.wait_for(asyncio.gather(*(engine.submit(r) for r in requests)), 120)
+        await engine.close()
+        return results, engine.forwards
+
+    results, forwards = asyncio.run(run())
+    assert forwards < sum(r.params.steps for r in requests)  # steps were shared
+    assert max(recorder.rows) <= 10 and max(recorder.rows) > 2
+    for request, result in zip(requests, results):
+        solo = denoise(builtin_model, request.conditioning, request.params)
+        assert torch.allclose(result.latents, solo, atol=1e-4)
+        diff = np.abs(decode_latents(builtin_model, result.latents).astype(int)
+                      - decode_latents(builtin_model, solo).astype(int))
+        assert diff.max() <= 1
+        assert result.steps_computed == request.params.steps
+
+
+def test_cancelled_request_stops_using_the_unet(builtin_model):
+    long, short = _requests(builtin_model)[:2]
+    long.params = DenoiseParams(64, 64, steps=200, seed=1)
+
+    async def run():
+        engine = DenoiseEngine(lambda name: builtin_model, max_batch_rows=8)
+        task = asyncio.ensure_future(engine.submit(long))
+        while engine.forwards < 3:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        record = next(r for r in engine.active if r.request is long)
+        forwards_at_cancel = record.forwards
+        await asyncio.wait_for(engine.submit(short), 60)  # the engine goes on serving
+        await engine.close()
+        return record, forwards_at_cancel
+
+    record, at_cancel = asyncio.run(run())
+    assert record.forwards <= at_cancel + 1  # at most the step already running
+    assert record.job.step_index < 20

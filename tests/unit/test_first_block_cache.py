@@ -1,0 +1,180 @@
+"""First Block Cache: exact when off, close when on, decided per request whatever the batch."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache_config import CacheConfig, default_cache_config
+from pipeline.conditioning import encode_prompts
+from pipeline.decode import decode_latents
+from pipeline.denoise import DenoiseJob, DenoiseParams, denoise, forward_unet
+from pipeline.errors import InvalidRequestError
+from pipeline.first_block_cache import forward_unet_cached
+from pipeline.unet_parts import decomposed_forward
+
+PROMPT = "a red circle on a blue background"
+NEVER_SKIPS = CacheConfig(threshold=0.5, start=1.0, end=1.0)  # on, so the split forward runs; empty window
+
+
+def _denoise(model, prompt: str, params: DenoiseParams) -> torch.Tensor:
+    (conditioning,) = encode_prompts(model, [prompt], [None])
+    return denoise(model, conditioning, params)
+
+
+def _run_together(model, jobs: list[DenoiseJob]) -> list[list[torch.Tensor]]:
+    """Step the jobs in shared forwards as the engine does; returns each job's noise predictions."""
+    outputs: list[list[torch.Tensor]] = [[] for _ in jobs]
+    while pending := [i for i, j in enumerate(jobs) if not j.done]:
+        result = forward_unet_cached(model, [jobs[i].unet_rows() for i in pending],
+                                     [jobs[i].cache for i in pending])
+        expected_tail = sum(jobs[i].rows for i, hit in zip(pending, result.cached) if not hit)
+        assert result.tail_rows == expected_tail and result.rows == sum(jobs[i].rows for i in pending)
+        for i, noise_pred in zip(pending, result.outputs):
+            outputs[i].append(noise_pred)
+            jobs[i].advance(noise_pred)
+    return outputs
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 40)])  # 72x40: odd latent sides, forwarded upsample sizes
+def test_decomposed_unet_is_bitwise_diffusers(builtin_model, sdxl_model, size):
+    torch.manual_seed(0)
+    for model, factor in [(builtin_model, 4), (sdxl_model, 8)]:
+        unet = model.unet
+        sample = torch.randn(3, 4, size[1] // factor, size[0] // factor)
+        timestep = torch.tensor([981.0, 500.0, 21.0])
+        ehs = torch.randn(3, 77, unet.config.cross_attention_dim)
+        added = None
+        if model.family == "sdxl":
+            added = {"text_embeds": torch.randn(3, 48), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 3)}
+        with torch.inference_mode():
+            expected = unet(sample, timestep, encoder_hidden_states=ehs, added_cond_kwargs=added,
+                            return_dict=False)[0]
+            assert torch.equal(decomposed_forward(unet, sample, timestep, ehs, added), expected)
+
+
+def test_threshold_zero_is_bitwise_uncached_builtin(builtin_model):
+    params = DenoiseParams(64, 64, steps=10, guidance_scale=5.0, seed=3)
+    reference = _denoise(builtin_model, PROMPT, params)
+    for cache in [CacheConfig(threshold=0.0), NEVER_SKIPS, default_cache_config("sd15").with_overrides({"threshold": 0})]:
+        assert torch.equal(_denoise(builtin_model, PROMPT, dataclasses.replace(params, cache=cache)),
+                           reference)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 56)])
+def test_threshold_zero_is_bitwise_uncached_sdxl(sdxl_model, size):
+    """SDXL: added text_time embeddings, a first down block without attention, odd latent sides."""
+    params = DenoiseParams(*size, steps=6, guidance_scale=5.0, seed=5)
+    reference = _denoise(sdxl_model, PROMPT, params)
+    for cache in [CacheConfig(threshold=0.0), NEVER_SKIPS]:
+        assert torch.equal(_denoise(sdxl_model, PROMPT, DenoiseParams(*size, steps=6, guidance_scale=5.0,
+                                                                       seed=5, cache=cache)), reference)
+
+
+def test_batch_of_misses_is_bitwise_forward_unet(builtin_model):
+    """With caches on but nobody skipping, a shared forward equals the plain one, row for row."""
+    conds = encode_prompts(builtin_model, [PROMPT, "a green square on a white background"], [None, None])
+    jobs = [DenoiseJob(builtin_model, c, DenoiseParams(64, 64, steps=4, seed=i, cache=NEVER_SKIPS))
+            for i, c in enumerate(conds)]
+    rows = [j.unet_rows() for j in jobs]
+    result = forward_unet_cached(builtin_model, rows, [j.cache for j in jobs])
+    for ours, plain in zip(result.outputs, forward_unet(builtin_model, rows)):
+        assert torch.equal(ours, plain)
+    assert result.tail_rows == result.rows == 4 and [j.cache.steps_computed for j in jobs] == [1, 1]
+    with pytest.raises(ValueError):
+        forward_unet_cached(builtin_model, rows, [jobs[0].cache])
+
+
+@pytest.mark.parametrize("mode", ["reuse", "residual"])
+def test_cache_skips_steps_and_stays_close(builtin_model, mode):
+    prompts = [PROMPT, "a yellow triangle on a purple background"]
+    conds = encode_prompts(builtin_model, prompts, [None] * len(prompts))
+    config = default_cache_config("sd15").with_overrides({"mode": mode})
+    psnrs = []
+    for seed, cond in enumerate(conds):
+        params = DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=seed)
+        plain = denoise(builtin_model, cond, params)
+        job = DenoiseJob(builtin_model, cond, dataclasses.replace(params, cache=config))
+        (preds,) = _run_together(builtin_model, [job])
+        cache = job.cache
+        assert cache.steps_cached >= 8 and cache.steps_computed + cache.steps_cached == 25
+        assert not cache.decisions[0]  # nothing to compare with on the first step
+        for step, hit in enumerate(cache.decisions):
+            if hit and mode == "reuse":  # the last computed prediction, as it is
+                last = max(s for s in range(step) if not cache.decisions[s])
+                assert torch.equal(preds[step], preds[last])
+        pixels = decode_latents(builtin_model, torch.cat([plain, job.latents]))
+        psnrs.append(_psnr(pixels[0], pixels[1]))
+    # a loose bound on two images; bench/bench_cache.py measures the mean over dozens of prompts
+    assert min(psnrs) >= 24 and sum(psnrs) / len(psnrs) >= 28, psnrs
+
+
+def test_window_and_run_limit(builtin_model):
+    (cond,) = encode_prompts(builtin_model, [PROMPT], [None])
+    config = CacheConfig(threshold=0.5, start=0.2, end=0.8, max_consecutive_hits=2)
+    job = DenoiseJob(builtin_model, cond, DenoiseParams(64, 64, steps=20, seed=1, cache=config))
+    _run_together(builtin_model, [job])
+    hits = [i for i, hit in enumerate(job.cache.decisions) if hit]
+    assert hits and all(4 <= i < 16 for i in hits)
+    assert "111" not in "".join("1" if hit else "0" for hit in job.cache.decisions)
+
+
+def test_batch_invariance_of_decisions_and_images(builtin_model):
+    """One request, alone and amid others of other prompts, seeds, steps, samplers and caches."""
+    prompts = [PROMPT, "a green square on a white background", "a black triangle on a yellow background",
+               "a purple circle on an orange background", "a white square on a red background"]
+    default = default_cache_config("sd15")
+    params = [
+        DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=11, cache=default),  # the one we watch
+        DenoiseParams(64, 64, steps=18, guidance_scale=7.0, seed=1, sampler="Euler a",
+                      cache=default.with_overrides({"threshold": 0.3})),
+        DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=2, sampler="DPM++ 2M",
+                      cache=default.with_overrides({"mode": "residual"})),
+        DenoiseParams(64, 64, steps=12, guidance_scale=1.0, seed=3, cache=CacheConfig(threshold=0.0)),
+        DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=4, sampler="DDIM"),
+    ]
+    conds = encode_prompts(builtin_model, prompts, [None] * len(prompts))
+    alone = DenoiseJob(builtin_model, conds[0], params[0])
+    _run_together(builtin_model, [alone])
+    crowd = [DenoiseJob(builtin_model, c, p) for c, p in zip(conds, params)]
+    _run_together(builtin_model, crowd[1:3] + [crowd[0]] + crowd[3:])  # the watched one mid-batch
+    watched = crowd[0]
+    assert alone.cache.steps_cached >= 8
+    assert watched.cache.decisions == alone.cache.decisions
+    assert (watched.latents - alone.latents).abs().max().item() < 1e-4
+    pixels = decode_latents(builtin_model, torch.cat([alone.latents, watched.latents])).astype(int)
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"threshold": -0.1}, "cache.threshold"),
+    ({"threshold": float("nan")}, "cache.threshold"),
+    ({"threshold": "0.2"}, "cache.threshold"),
+    ({"start": 1.5}, "cache.start"),
+    ({"start": 0.6, "end": 0.5}, "cache.end"),
+    ({"max_consecutive_hits": 0}, "cache.max_consecutive_hits"),
+    ({"max_consecutive_hits": 2.5}, "cache.max_consecutive_hits"),
+    ({"mode": "approximate"}, "cache.mode"),
+    ({"treshold": 0.1}, "cache.treshold"),
+])
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(InvalidRequestError) as error:
+        default_cache_config("sdxl").with_overrides(overrides)
+    assert error.value.field == field
+
+
+def test_defaults_per_family():
+    assert default_cache_config("sdxl").threshold == 0.2 and default_cache_config("sdxl").enabled
+    assert default_cache_config("sd15").enabled
+    assert not CacheConfig().enabled and not default_cache_config("sd15").with_overrides({"threshold": 0}).enabled
+    assert default_cache_config("sd15").with_overrides({"max_consecutive_hits": None}).max_consecutive_hits is None
+    with pytest.raises(InvalidRequestError):
+        default_cache_config("flux")
