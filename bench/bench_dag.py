@@ -33,7 +33,7 @@ from fastapi.responses import Response  # noqa: E402
 from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.report import markdown_table, plot_path, record  # noqa: E402
+from bench.report import markdown_table, record, save_figure  # noqa: E402
 from pipeline.denoise import DenoiseParams  # noqa: E402
 from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
 from pipeline.tiny_shapes.world import TRAIN_SCENES  # noqa: E402
@@ -217,9 +217,7 @@ def plot(levels: list[int], rates: dict, medians: dict[str, float], steps: int) 
     right.set_title("throughput, 2 CPUs")
     right.legend()
     fig.suptitle(f"tiny-shapes 64x64, {steps} steps")
-    fig.tight_layout()
-    fig.savefig(plot_path("dag"))
-    print(f"plot: {plot_path('dag')}")
+    save_figure(fig, "dag")
 
 
 if __name__ == "__main__":

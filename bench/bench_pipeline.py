@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
-from bench.report import markdown_table, plot_path, record
+from bench.report import markdown_table, record, save_figure
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 from pipeline.model import load_model
@@ -62,9 +62,7 @@ def main() -> None:
     ax.bar([r[0] for r in rows], [r[1] for r in rows], color=["tab:blue", "tab:gray"])
     ax.set_ylabel("seconds per image")
     ax.set_title(f"tiny-shapes, {args.steps} steps, 1 thread")
-    fig.tight_layout()
-    fig.savefig(plot_path("pipeline"))
-    print(f"plot: {plot_path('pipeline')}")
+    save_figure(fig, "pipeline")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,12 @@ def record(name: str, command: str, table: str, notes: str = "") -> None:
 def plot_path(name: str) -> Path:
     OUT_DIR.mkdir(exist_ok=True)
     return OUT_DIR / f"{name}.png"
+
+
+def save_figure(fig, name: str) -> Path:
+    """Lay out and write a matplotlib figure to bench/out/NAME.png, and say where."""
+    fig.tight_layout()
+    path = plot_path(name)
+    fig.savefig(path)
+    print(f"plot: {path}")
+    return path
