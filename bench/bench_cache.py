@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from bench.report import markdown_table, plot_path, record
+from bench.report import markdown_table, record, save_figure
 from pipeline.cache_config import CacheConfig, default_cache_config
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
@@ -279,10 +279,7 @@ def plot(results: dict[str, list[list[object]]]) -> Path:
         ax.set_ylabel("PSNR vs uncached (dB, 100 = identical)")
         ax.set_title(model_name)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plot_path("cache")
-    fig.savefig(path)
-    return path
+    return save_figure(fig, "cache")
 
 
 def main() -> None:
@@ -342,7 +339,7 @@ def main() -> None:
                  "(computed + cached x head FLOP share). Accuracy: both colours right (world.is_correct), "
                  f"{args.prompts} prompts, a third held out.")
     record("cache: First Block Cache sweep", command, table, "\n".join(f"- {n}" for n in notes))
-    print(f"plot: {plot(results)}")
+    plot(results)
 
 
 HEADER = ["model", "variant", "steps cached", "denoise speedup (CPU time)", "speedup (wall)",
