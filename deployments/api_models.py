@@ -10,8 +10,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.cache_config import CacheConfig, default_cache_config
 from pipeline.errors import InvalidRequestError
 from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler_name
 from pipeline.seeds import MAX_SEED, resolve_seed
@@ -36,6 +37,24 @@ Seed = Field(None, ge=-1, le=MAX_SEED, description="absent or -1: random")
 Side = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
 
 
+class CacheRequest(BaseModel):
+    """First Block Cache settings for one request; what is left out keeps the model family's
+    default. ``{"threshold": 0}`` turns the cache off (the image is then exactly the uncached one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+                                    description="skip a step when the first block moved less than this")
+    start: float | None = Field(None, ge=0.0, le=1.0, description="no skipping before this fraction")
+    end: float | None = Field(None, ge=0.0, le=1.0, description="no skipping from this fraction on")
+    max_consecutive_hits: int | None = Field(None, ge=1, description="null: no limit")
+    mode: Literal["reuse", "residual"] | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields the caller set (an explicit null max_consecutive_hits means no limit)."""
+        return self.model_dump(exclude_unset=True)
+
+
 # --- native -------------------------------------------------------------------------------------
 
 class GenerateRequest(BaseModel):
@@ -52,6 +71,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Seed
     sampler: str = DEFAULT_SAMPLER
     model: str | None = None
+    cache: CacheRequest | None = None
 
 
 # --- OpenAI Images API --------------------------------------------------------------------------
@@ -72,6 +92,7 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: str | None = None  # not OpenAI's, but Open WebUI and others send it
     steps: int | None = Field(None, ge=1)
     seed: int | None = Seed
+    cache: CacheRequest | None = None  # an extra body field: extra_body={"cache": {...}}
 
 
 class OpenAIImage(BaseModel):
@@ -106,7 +127,8 @@ class Txt2ImgRequest(BaseModel):
     scheduler: str | None = None
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
-    override_settings: dict[str, Any] | None = None
+    override_settings: dict[str, Any] | None = None  # sd_model_checkpoint, cache
+    cache: CacheRequest | None = None  # Raydiance's own field; or override_settings.cache
 
 
 class Txt2ImgResponse(BaseModel):
@@ -131,6 +153,7 @@ class Generation:
     sampler: str = DEFAULT_SAMPLER
     model: str | None = None
     count: int = 1
+    cache: dict[str, Any] | None = None  # First Block Cache overrides of the family default
     fields: dict[str, str] = field(default_factory=dict)
 
     def name(self, key: str) -> str:
@@ -151,6 +174,7 @@ class Resolved:
     sampler: str
     model: str
     count: int
+    cache: CacheConfig
 
     def infotext(self, seed: int) -> str:
         """A1111's "parameters" text, written into each PNG."""
@@ -194,9 +218,17 @@ def resolve(generation: Generation, models: dict[str, ModelInfo], default_model:
         raise ApiError(g.name("sampler"), error.message) from None
     if g.seed is not None and g.seed > MAX_SEED:
         raise ApiError(g.name("seed"), f"must be -1 (random) or 0..{MAX_SEED}")
+    try:
+        cache = default_cache_config(info.family).with_overrides(g.cache)
+    except InvalidRequestError as error:  # error.field is "cache.<name>"
+        raise ApiError(g.name("cache") + error.field[len("cache"):], error.message) from None
     return Resolved(prompt=g.prompt, negative_prompt=g.negative_prompt, width=width, height=height,
                     steps=g.steps, guidance_scale=float(g.guidance_scale), seed=resolve_seed(g.seed),
-                    sampler=sampler, model=model_name, count=g.count)
+                    sampler=sampler, model=model_name, count=g.count, cache=cache)
+
+
+def _cache_overrides(cache: CacheRequest | None) -> dict[str, Any] | None:
+    return cache.overrides() if cache is not None else None
 
 
 # --- API-specific mappings ----------------------------------------------------------------------
@@ -207,7 +239,8 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 def from_native(body: GenerateRequest) -> Generation:
     return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
                       height=body.height, steps=body.steps, guidance_scale=body.guidance_scale,
-                      seed=body.seed, sampler=body.sampler, model=body.model)
+                      seed=body.seed, sampler=body.sampler, model=body.model,
+                      cache=_cache_overrides(body.cache))
 
 
 def from_openai(body: OpenAIImageRequest) -> Generation:
@@ -229,7 +262,8 @@ def from_openai(body: OpenAIImageRequest) -> Generation:
         width, height = int(match[1]), int(match[2])
     return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width,
                       height=height, steps=body.steps or 20, seed=body.seed, model=body.model,
-                      count=body.n, fields={"width": "size", "height": "size", "count": "n"})
+                      count=body.n, cache=_cache_overrides(body.cache),
+                      fields={"width": "size", "height": "size", "count": "n"})
 
 
 A1111_SCHEDULERS = {"automatic": "Automatic", "karras": "Karras"}
@@ -247,10 +281,27 @@ def from_txt2img(body: Txt2ImgRequest, selected_model: str | None) -> Generation
         if f"{sampler} Karras".lower() not in {s.lower() for s in SAMPLERS}:
             raise ApiError("scheduler", f"sampler {sampler!r} has no Karras variant here")
         sampler = f"{sampler} Karras"
-    model = (body.override_settings or {}).get("sd_model_checkpoint")
+    overrides = body.override_settings or {}
+    model = overrides.get("sd_model_checkpoint")
     if model is None:
         model, fields["model"] = selected_model, "sd_model_checkpoint"
+    cache = _cache_overrides(body.cache)
+    if "cache" in overrides:  # A1111 clients can pass only override_settings through
+        if body.cache is not None:
+            raise ApiError("cache", "give cache or override_settings.cache, not both")
+        cache, fields["cache"] = _a1111_cache(overrides["cache"]), "override_settings.cache"
     return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt or None,
                       width=body.width, height=body.height, steps=body.steps,
                       guidance_scale=body.cfg_scale, seed=body.seed, sampler=sampler,
-                      model=model, count=body.batch_size * body.n_iter, fields=fields)
+                      model=model, count=body.batch_size * body.n_iter, cache=cache, fields=fields)
+
+
+def _a1111_cache(value: Any) -> dict[str, Any]:
+    """``override_settings.cache`` checked as the native ``cache`` is, errors named in place."""
+    try:
+        return CacheRequest.model_validate(value).overrides()
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        name = "override_settings.cache" + (f".{where}" if where else "")
+        raise ApiError(name, first["msg"]) from None

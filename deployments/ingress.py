@@ -9,6 +9,7 @@ route methods' annotations in Ray's own module, where string annotations name no
 """
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -43,6 +44,7 @@ from deployments.api_models import (
 from deployments.catalog import ModelInfo
 from deployments.http_errors import install_error_handlers
 from deployments.messages import Decoded, EncodeRequest
+from deployments.metrics import install_http_metrics
 from deployments.settings import Limits
 
 STAGE_TIMINGS = ("encode", "denoise", "decode")
@@ -52,6 +54,7 @@ MAX_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or a
 api = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
               version="0.1.0")
 install_error_handlers(api, max_body_bytes=MAX_BODY_BYTES)
+install_http_metrics(api)  # added last, so it wraps the body limit: every answer is counted
 
 
 class IngressSettings(BaseModel):
@@ -59,6 +62,12 @@ class IngressSettings(BaseModel):
     default_model: str
     limits: Limits
     request_timeout_s: float = 300.0
+
+
+def _step_headers(images: list[Decoded]) -> dict[str, str]:
+    """UNet steps run and skipped by First Block Cache, summed over the request's images."""
+    return {"x-raydiance-steps-computed": str(sum(d.steps_computed for d in images)),
+            "x-raydiance-steps-cached": str(sum(d.steps_cached for d in images))}
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -91,7 +100,8 @@ class Ingress:
         seeds = [(job.seed + i) % (MAX_SEED + 1) for i in range(job.count)]
         responses = []
         for seed in seeds:
-            params = DenoiseParams(job.width, job.height, job.steps, job.guidance_scale, seed, job.sampler)
+            params = DenoiseParams(job.width, job.height, job.steps, job.guidance_scale, seed,
+                                   job.sampler, job.cache)
             latents = self.denoiser.denoise.remote(encoded, params)
             responses.append(self.vae_decoder.decode.remote(latents, job.infotext(seed)))
         self.active_images += job.count
@@ -137,6 +147,7 @@ class Ingress:
         ((seed, decoded),) = await self._run(job)
         timings = {**decoded.timings, "total": (time.perf_counter() - start) * 1000}
         headers = {
+            **_step_headers([decoded]),
             "x-raydiance-seed": str(seed), "x-raydiance-model": job.model,
             "x-raydiance-width": str(job.width), "x-raydiance-height": str(job.height),
             "x-raydiance-steps": str(job.steps), "x-raydiance-sampler": job.sampler,
@@ -162,9 +173,11 @@ class Ingress:
     # --- OpenAI Images API ------------------------------------------------------------------------
 
     @api.post("/v1/images/generations", response_model=OpenAIImagesResponse)
-    async def openai_generations(self, body: OpenAIImageRequest) -> OpenAIImagesResponse:
+    async def openai_generations(self, body: OpenAIImageRequest,
+                                 response: Response) -> OpenAIImagesResponse:
         job = self._resolve(from_openai(body))
         images = await self._run(job)
+        response.headers.update(_step_headers([d for _, d in images]))
         data = [OpenAIImage(b64_json=base64.b64encode(d.png).decode("ascii")) for _, d in images]
         return OpenAIImagesResponse(created=int(time.time()), data=data,
                                     size=f"{job.width}x{job.height}")
@@ -186,6 +199,9 @@ class Ingress:
             "n_iter": body.n_iter, "sd_model_name": job.model, "sd_model_hash": None,
             "infotexts": [job.infotext(seed) for seed in seeds], "job_timestamp":
             time.strftime("%Y%m%d%H%M%S"), "version": "raydiance",
+            "steps_computed": [d.steps_computed for _, d in images],
+            "steps_cached": [d.steps_cached for _, d in images],
+            "cache": dataclasses.asdict(job.cache),
         }
         return Txt2ImgResponse(images=[base64.b64encode(d.png).decode("ascii") for _, d in images],
                                parameters=body.model_dump(mode="json"), info=json.dumps(info))

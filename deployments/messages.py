@@ -31,9 +31,13 @@ class Denoised:
     model: str
     latents: torch.Tensor  # (1, C, h, w), CPU
     timings: dict[str, float] = field(default_factory=dict)
+    steps_computed: int = 0  # UNet steps run in full
+    steps_cached: int = 0  # steps First Block Cache approximated
 
 
 @dataclass
 class Decoded:
     png: bytes
     timings: dict[str, float] = field(default_factory=dict)
+    steps_computed: int = 0  # carried over from Denoised: the Ingress never sees the latents
+    steps_cached: int = 0

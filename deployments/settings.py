@@ -40,10 +40,13 @@ class BatchKnobs(_Strict):
 
 
 class DenoiserKnobs(_Strict):
-    """The Denoiser's engine. ``sequential``: one request at a time per replica, first come first
-    served; the step-batching engine of a later issue plugs in behind the same interface."""
+    """The Denoiser's step-batching engine.
 
-    engine: Literal["sequential"] = "sequential"
+    ``max_batch_rows``: UNet rows per forward (a request with guidance is 2 rows, without 1).
+    1 or 2 turns batching across requests off; a GPU wants as many as fit its memory.
+    """
+
+    max_batch_rows: PositiveInt = 32
 
 
 ActorOptions = dict[str, Any]

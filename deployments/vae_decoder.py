@@ -14,6 +14,7 @@ from ray import serve
 from pipeline.decode import decode_latents
 from pipeline.images import encode_png
 
+from deployments import metrics
 from deployments.messages import Decoded, Denoised
 from deployments.replica import ModelStore, TorchWorker, pin_torch_threads, placement_report
 from deployments.settings import BatchKnobs, StageSettings
@@ -29,9 +30,12 @@ class VAEDecoder:
         self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
 
     async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
+        start = time.perf_counter()
         result = await self._decode_batch((denoised, png_parameters))
         if isinstance(result, BaseException):
             raise result
+        metrics.record_stage("decode", denoised.model, time.perf_counter() - start)
+        metrics.inc("raydiance_images", model=denoised.model)
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
@@ -55,7 +59,9 @@ class VAEDecoder:
                 continue
             ms = (time.perf_counter() - start) * 1000
             for i, png in zip(indices, pngs):
-                results[i] = Decoded(png, {**items[i][0].timings, "decode": ms})
+                denoised = items[i][0]
+                results[i] = Decoded(png, {**denoised.timings, "decode": ms},
+                                     denoised.steps_computed, denoised.steps_cached)
         return results  # type: ignore[return-value]
 
     def placement(self) -> dict:

@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 
 from pipeline.denoise import DenoiseJob
 from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
-from pipeline.engine.runner import UNetForward, plain_forward, run_step
+from pipeline.engine.runner import StepReport, run_step
 from pipeline.engine.scheduler import pick_step_group
 from pipeline.model import DiffusionModel
 
@@ -16,7 +16,7 @@ from pipeline.model import DiffusionModel
 class EngineObserver(Protocol):
     """What the engine tells whoever exports metrics (the deployment); all optional no-ops."""
 
-    def on_forward(self, model: str, rows: int, requests: int, seconds: float) -> None: ...
+    def on_forward(self, model: str, step: StepReport, seconds: float) -> None: ...
 
     def on_finished(self, model: str, result: EngineResult) -> None: ...
 
@@ -26,7 +26,7 @@ class EngineObserver(Protocol):
 
 
 class _Silent:
-    def on_forward(self, model: str, rows: int, requests: int, seconds: float) -> None:
+    def on_forward(self, model: str, step: StepReport, seconds: float) -> None:
         pass
 
     def on_finished(self, model: str, result: EngineResult) -> None:
@@ -48,15 +48,15 @@ class DenoiseEngine:
     """
 
     def __init__(self, get_model: Callable[[str], DiffusionModel], *, max_batch_rows: int = 16,
-                 forward: UNetForward = plain_forward, observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.get_model = get_model
         self.max_batch_rows = max_batch_rows
-        self.forward = forward
         self.observer = observer or _Silent()
         self.active: list[ActiveRequest] = []
         self.forwards = 0
+        self.cancelled = 0  # requests dropped because their caller went away
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
         self._task: asyncio.Task | None = None
@@ -97,14 +97,14 @@ class DenoiseEngine:
             model_name = group[0].request.model
             model = self.get_model(model_name)
             try:
-                rows = await loop.run_in_executor(self._executor, run_step, model, group, self.forward)
+                step = await loop.run_in_executor(self._executor, run_step, model, group)
             except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
                 for request in group:
                     self._finish(request, error=error)
                 continue
             elapsed = time.perf_counter() - now
             self.forwards += 1
-            self.observer.on_forward(model_name, rows, len(group), elapsed)
+            self.observer.on_forward(model_name, step, elapsed)
             stepped = time.perf_counter()
             for request in group:
                 request.last_stepped = stepped
@@ -117,6 +117,7 @@ class DenoiseEngine:
         for request in [r for r in self.active if r.cancelled or r.future.done()]:
             self.active.remove(request)
             if request.cancelled:
+                self.cancelled += 1
                 self.observer.on_cancelled(request.request.model)
         self.observer.on_active(len(self.active))
 
@@ -133,8 +134,9 @@ class DenoiseEngine:
         started = request.started or request.submitted
         result = EngineResult(
             latents=job.latents.detach().to("cpu"),
-            steps_computed=getattr(job, "steps_computed", job.step_index),
-            steps_cached=getattr(job, "steps_cached", 0),
+            steps_computed=job.cache.steps_computed if job.cache else job.step_index,
+            steps_cached=job.cache.steps_cached if job.cache else 0,
+            cache_decisions=tuple(job.cache.decisions) if job.cache else (False,) * job.step_index,
             queued_s=started - request.submitted,
             denoise_s=time.perf_counter() - started,
         )

@@ -31,6 +31,7 @@ class EngineResult:
     latents: torch.Tensor  # (1, C, h, w) on the CPU
     steps_computed: int
     steps_cached: int
+    cache_decisions: tuple[bool, ...]  # per step: True where the cache skipped it
     queued_s: float  # from submission to the first step
     denoise_s: float  # from the first step to the last
 

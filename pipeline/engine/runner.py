@@ -1,37 +1,40 @@
-"""Doing one step for a group: build the batch, run the UNet, hand each request its slice."""
+"""Doing one step for a group: build the batch, run the UNet (with each request's cache), hand
+each request its slice."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
-import torch
-
-from pipeline.denoise import UNetRows, forward_unet
 from pipeline.engine.request import ActiveRequest
+from pipeline.first_block_cache import forward_unet_cached
 from pipeline.model import DiffusionModel
 
-UNetForward = Callable[[DiffusionModel, list[UNetRows], list[ActiveRequest]], list[torch.Tensor]]
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step cost: rows through the head, rows through the whole UNet."""
+
+    requests: int
+    rows: int
+    tail_rows: int
+    cached: int  # requests whose step was approximated from their cache
 
 
-def plain_forward(model: DiffusionModel, rows: list[UNetRows],
-                  group: list[ActiveRequest]) -> list[torch.Tensor]:
-    return forward_unet(model, rows)
+def run_step(model: DiffusionModel, group: list[ActiveRequest]) -> StepReport:
+    """One UNet forward for ``group``; advances each request one step.
 
-
-def run_step(model: DiffusionModel, group: list[ActiveRequest],
-             forward: UNetForward = plain_forward) -> int:
-    """One UNet forward for ``group``; advances each request one step. Returns the rows run.
-
-    The row accounting is checked after the forward: a request handed a slice of the wrong size
-    fails loudly rather than drawing someone else's picture.
+    Each request's First Block Cache decides for its own rows (``forward_unet_cached``); with
+    every cache off this is exactly ``forward_unet``. The row accounting is checked after the
+    forward: a request handed a slice of the wrong size fails loudly rather than drawing someone
+    else's picture.
     """
     rows = [r.job.unet_rows() for r in group]
-    outputs = forward(model, rows, group)
-    if len(outputs) != len(group):
-        raise RuntimeError(f"forward returned {len(outputs)} slices for {len(group)} requests")
-    for request, row, output in zip(group, rows, outputs):
+    result = forward_unet_cached(model, rows, [r.job.cache for r in group])
+    if len(result.outputs) != len(group):
+        raise RuntimeError(f"forward returned {len(result.outputs)} slices for {len(group)} requests")
+    for request, row, output in zip(group, rows, result.outputs):
         if output.shape[0] != row.count or output.shape[1:] != row.sample.shape[1:]:
             raise RuntimeError(f"request {request.id}: output {tuple(output.shape)} for input "
                                f"{tuple(row.sample.shape)}")
         request.job.advance(output)
         request.forwards += 1
-    return sum(row.count for row in rows)
+    return StepReport(len(group), result.rows, result.tail_rows, sum(result.cached))

@@ -27,6 +27,12 @@ CASES = [
     ({**GOOD, "seed": -5}, 422, "seed"),
     ({"steps": 2}, 422, "prompt"),
     ({**GOOD, "colour": "red"}, 422, "colour"),
+    ({**GOOD, "cache": {"threshold": -1}}, 422, "cache.threshold"),
+    ({**GOOD, "cache": {"thresold": 0.1}}, 422, "cache.thresold"),
+    ({**GOOD, "cache": {"start": 0.5, "end": 0.2}}, 422, "cache.end"),
+    ({**GOOD, "cache": {"mode": "fast"}}, 422, "cache.mode"),
+    ({**GOOD, "cache": {"max_consecutive_hits": 0}}, 422, "cache.max_consecutive_hits"),
+    ({**GOOD, "cache": 0.1}, 422, "cache"),
     ('{"prompt": "x", ', 422, "body"),
     ('{"prompt": "' + "a" * (2 << 20) + '"}', 413, "body"),  # above the 1 MiB body limit
 ]

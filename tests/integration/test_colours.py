@@ -1,4 +1,5 @@
-"""Colours follow the prompt through the DAG, also with 8 different requests in flight at once.
+"""Colours follow the prompt through the DAG, also with 8 different requests in flight at once
+(sharing the Denoiser engine's UNet forwards, First Block Cache on at its default).
 
 Each picture is checked twice: against its own prompt (the model is good but not perfect, so
 half or more must match) and against the in-process pipeline's picture for the same prompt and
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from pipeline.cache_config import default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 from pipeline.tiny_shapes.world import COLOURS, HELD_OUT_SCENES, SHAPES, Scene, classify
@@ -35,19 +37,21 @@ def test_eight_concurrent_requests_each_get_their_own_colours(service, builtin_m
     scenes = distinct_scenes(8)
     body = {"steps": 20, "guidance_scale": 5.0, "sampler": "Euler"}
 
-    def ask(i: int) -> np.ndarray:
+    def ask(i: int) -> tuple[np.ndarray, int]:
         response = service.generate(prompt=scenes[i].prompt, seed=100 + i, **body)
         assert response.status_code == 200, response.text
         assert response.headers["x-raydiance-seed"] == str(100 + i)
-        return png_pixels(response.content)
+        return png_pixels(response.content), int(response.headers["x-raydiance-steps-cached"])
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        images = list(pool.map(ask, range(8)))
+        images, cached = zip(*pool.map(ask, range(8)))
+    assert sum(cached) > 0  # the cache was on
 
     got = [classify(Image.fromarray(image)) for image in images]
     expected = []
     for i, scene in enumerate(scenes):
-        params = DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=100 + i, sampler="Euler")
+        params = DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=100 + i, sampler="Euler",
+                               cache=default_cache_config("sd15"))
         pixels = generate(builtin_model, scene.prompt, params).pixels
         expected.append(classify(Image.fromarray(pixels)))
         # Batched CLIP/VAE forwards may differ from batch-of-one ones in the last bit, no more.

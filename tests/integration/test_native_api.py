@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.cache_config import default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 
@@ -52,7 +53,8 @@ def test_same_seed_same_png(service):
 
 def test_dag_draws_what_the_in_process_pipeline_draws(service, builtin_model):
     """Same seed, same parameters: the split stages give the in-process pixels exactly."""
-    params = DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=11, sampler="Euler")
+    params = DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=11, sampler="Euler",
+                           cache=default_cache_config("sd15"))  # what the API applies by default
     expected = generate(builtin_model, PROMPT, params).pixels
     response = service.generate(prompt=PROMPT, seed=11, steps=20, guidance_scale=5.0, sampler="Euler")
     assert response.status_code == 200

@@ -6,6 +6,7 @@ import asyncio
 import numpy as np
 import torch
 
+from pipeline.cache_config import CacheConfig
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseParams, denoise
@@ -22,8 +23,8 @@ class Recorder:
     def __init__(self) -> None:
         self.rows: list[int] = []
 
-    def on_forward(self, model, rows, requests, seconds):
-        self.rows.append(rows)
+    def on_forward(self, model, step, seconds):
+        self.rows.append(step.rows)
 
     def on_finished(self, model, result):
         pass
@@ -35,11 +36,25 @@ class Recorder:
         pass
 
 
+THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.0, 0.3, 0.1, 0.15]
+
+
 def _requests(model):
     conditionings = encode_prompts(model, PROMPTS, [None] * len(PROMPTS))
-    return [EngineRequest("tiny", c, DenoiseParams(64, 64, steps=6 + 2 * i, seed=100 + i,
-                                                   sampler=SAMPLERS[i], guidance_scale=1.0 + i))
+    return [EngineRequest("tiny", c, DenoiseParams(
+                64, 64, steps=6 + 2 * i, seed=100 + i, sampler=SAMPLERS[i], guidance_scale=1.0 + i,
+                cache=CacheConfig(threshold=THRESHOLDS[i], max_consecutive_hits=2 + i % 2)))
             for i, c in enumerate(conditionings)]
+
+
+def _solo(model, request):
+    async def run():
+        engine = DenoiseEngine(lambda name: model)
+        result = await asyncio.wait_for(engine.submit(request), 60)
+        await engine.close()
+        return result
+
+    return asyncio.run(run())
 
 
 def test_each_request_gets_its_solo_result_amid_others(builtin_model):
@@ -55,13 +70,19 @@ def test_each_request_gets_its_solo_result_amid_others(builtin_model):
     results, forwards = asyncio.run(run())
     assert forwards < sum(r.params.steps for r in requests)  # steps were shared
     assert max(recorder.rows) <= 10 and max(recorder.rows) > 2
+    assert sum(r.steps_cached for r in results) > 0  # the caches did skip steps
     for request, result in zip(requests, results):
-        solo = denoise(builtin_model, request.conditioning, request.params)
-        assert torch.allclose(result.latents, solo, atol=1e-4)
+        solo = _solo(builtin_model, request)
+        assert result.cache_decisions == solo.cache_decisions
+        assert torch.allclose(result.latents, solo.latents, atol=1e-4)
         diff = np.abs(decode_latents(builtin_model, result.latents).astype(int)
-                      - decode_latents(builtin_model, solo).astype(int))
+                      - decode_latents(builtin_model, solo.latents).astype(int))
         assert diff.max() <= 1
-        assert result.steps_computed == request.params.steps
+        assert result.steps_computed + result.steps_cached == request.params.steps
+        if request.params.cache.threshold == 0:  # cache off: exactly the in-process pipeline
+            assert result.steps_cached == 0
+            plain = denoise(builtin_model, request.conditioning, request.params)
+            assert torch.allclose(result.latents, plain, atol=1e-4)
 
 
 def test_cancelled_request_stops_using_the_unet(builtin_model):
