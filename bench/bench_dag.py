@@ -80,9 +80,14 @@ def build_whole(args: dict) -> serve.Application:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def body(i: int, steps: int) -> dict:
+# First Block Cache off: the benchmarks compare the same computation (the baseline has no cache;
+# bench_cache measures the cache).
+NO_CACHE = {"cache": {"threshold": 0}}
+
+
+def body(i: int, steps: int, extra: dict | None = None) -> dict:
     return {"prompt": TRAIN_SCENES[i % len(TRAIN_SCENES)].prompt, "seed": i, "steps": steps,
-            "guidance_scale": GUIDANCE}
+            "guidance_scale": GUIDANCE, **(extra or {})}
 
 
 def post(client: httpx.Client, url: str, payload: dict) -> None:
@@ -90,13 +95,17 @@ def post(client: httpx.Client, url: str, payload: dict) -> None:
     response.raise_for_status()
 
 
-def throughput(url: str, concurrency: int, requests: int, steps: int, label: str) -> float:
-    """Images per second with ``concurrency`` requests in flight, ``requests`` in all."""
+def throughput(url: str, concurrency: int, requests: int, steps: int, label: str,
+               extra: dict | None = None) -> float:
+    """Images per second with ``concurrency`` requests in flight, ``requests`` in all.
+
+    ``extra``: more body fields for Raydiance's API (the whole-pipeline baseline ignores them).
+    """
     with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-        post(client, url, body(0, steps))  # warm
+        post(client, url, body(0, steps, extra))  # warm
         bar = tqdm(total=requests, desc=f"{label} c={concurrency}", leave=False)
         start = time.perf_counter()
-        futures = [pool.submit(post, client, url, body(i, steps)) for i in range(requests)]
+        futures = [pool.submit(post, client, url, body(i, steps, extra)) for i in range(requests)]
         for future in futures:
             future.result()
             bar.update()
@@ -115,7 +124,7 @@ def latency(urls: dict[str, str], images: int, steps: int) -> dict[str, float]:
     times: dict[str, list[float]] = {"in-process": [], **{name: [] for name in urls}}
     with httpx.Client(timeout=600) as client:
         for i in tqdm(range(images + 1), desc="latency, concurrency 1"):
-            payload = body(i, steps)
+            payload = body(i, steps, NO_CACHE)
             params = DenoiseParams(64, 64, steps=steps, guidance_scale=GUIDANCE, seed=i)
             start = time.perf_counter()
             generate(model, payload["prompt"], params)
@@ -172,7 +181,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for c in levels:
                 for name, url in urls.items():
-                    results[name][c].append(throughput(url, c, max(8, 2 * c), args.steps, name))
+                    results[name][c].append(throughput(url, c, max(8, 2 * c), args.steps, name,
+                                                       extra=NO_CACHE))
     finally:
         serve.shutdown()
         ray.shutdown()

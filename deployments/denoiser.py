@@ -24,18 +24,11 @@ class Denoiser:
         pin_torch_threads()
         self.store = ModelStore(settings)
         self.worker = TorchWorker()
-        self.engine = DenoiseEngine(self._loaded_model, max_batch_rows=knobs.max_batch_rows)  # metrics: wired with issue 6
-
-    def _loaded_model(self, name: str):
-        model = self.store.loaded(name)
-        if model is None:  # denoise() loads before submitting; this is a bug, not a bad request
-            raise RuntimeError(f"model {name!r} used by the engine before it was loaded")
-        return model
+        self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows)  # metrics: wired with issue 6
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
-        if self.store.loaded(encoded.model) is None:
-            await self.worker.run(self.store.get, encoded.model)
-        result = await self.engine.submit(EngineRequest(encoded.model, encoded.conditioning, params))
+        model = self.store.loaded(encoded.model) or await self.worker.run(self.store.get, encoded.model)
+        result = await self.engine.submit(model, EngineRequest(encoded.conditioning, params))
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pipeline.denoise import DenoiseJob
 from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
@@ -47,11 +47,10 @@ class DenoiseEngine:
     step and no further UNet work is spent on it.
     """
 
-    def __init__(self, get_model: Callable[[str], DiffusionModel], *, max_batch_rows: int = 16,
+    def __init__(self, *, max_batch_rows: int = 16,
                  observer: EngineObserver | None = None) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
-        self.get_model = get_model
         self.max_batch_rows = max_batch_rows
         self.observer = observer or _Silent()
         self.active: list[ActiveRequest] = []
@@ -61,12 +60,11 @@ class DenoiseEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
         self._task: asyncio.Task | None = None
 
-    async def submit(self, request: EngineRequest) -> EngineResult:
+    async def submit(self, model: DiffusionModel, request: EngineRequest) -> EngineResult:
         loop = asyncio.get_running_loop()
-        model = self.get_model(request.model)
         job = await loop.run_in_executor(self._executor, DenoiseJob, model, request.conditioning,
                                          request.params)
-        active = ActiveRequest(request, job, loop.create_future())
+        active = ActiveRequest(request, model, job, loop.create_future())
         self.active.append(active)
         self.observer.on_active(len(self.active))
         self._ensure_running()
@@ -94,8 +92,7 @@ class DenoiseEngine:
             now = time.perf_counter()
             for request in group:
                 request.started = request.started or now
-            model_name = group[0].request.model
-            model = self.get_model(model_name)
+            model = group[0].model
             try:
                 step = await loop.run_in_executor(self._executor, run_step, model, group)
             except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
@@ -104,7 +101,7 @@ class DenoiseEngine:
                 continue
             elapsed = time.perf_counter() - now
             self.forwards += 1
-            self.observer.on_forward(model_name, step, elapsed)
+            self.observer.on_forward(model.name, step, elapsed)
             stepped = time.perf_counter()
             for request in group:
                 request.last_stepped = stepped
@@ -118,7 +115,7 @@ class DenoiseEngine:
             self.active.remove(request)
             if request.cancelled:
                 self.cancelled += 1
-                self.observer.on_cancelled(request.request.model)
+                self.observer.on_cancelled(request.model.name)
         self.observer.on_active(len(self.active))
 
     def _finish(self, request: ActiveRequest, error: Exception | None = None) -> None:
@@ -141,7 +138,7 @@ class DenoiseEngine:
             denoise_s=time.perf_counter() - started,
         )
         request.future.set_result(result)
-        self.observer.on_finished(request.request.model, result)
+        self.observer.on_finished(request.model.name, result)
 
     async def close(self) -> None:
         if self._task is not None:

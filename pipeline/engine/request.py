@@ -11,6 +11,7 @@ import torch
 
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseJob, DenoiseParams
+from pipeline.model import DiffusionModel
 
 _ids = itertools.count()
 
@@ -19,7 +20,6 @@ _ids = itertools.count()
 class EngineRequest:
     """One image to denoise. ``adapters`` names the LoRA set; only equal sets share a forward."""
 
-    model: str
     conditioning: Conditioning
     params: DenoiseParams
     adapters: tuple[tuple[str, float], ...] = ()
@@ -41,6 +41,7 @@ class ActiveRequest:
     """The engine's record of a request in flight."""
 
     request: EngineRequest
+    model: DiffusionModel  # held, not looked up per step: a model evicted meanwhile stays usable
     job: DenoiseJob
     future: asyncio.Future
     id: int = field(default_factory=lambda: next(_ids))
@@ -54,4 +55,4 @@ class ActiveRequest:
     def batch_key(self) -> Hashable:
         """Requests share a UNet forward only if this is equal: same weights, same tensor shape."""
         latents = self.job.latents
-        return (self.request.model, self.request.adapters, tuple(latents.shape), latents.dtype)
+        return (id(self.model), self.request.adapters, tuple(latents.shape), latents.dtype)

@@ -41,7 +41,7 @@ THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.0, 0.3, 0.1, 0.15]
 
 def _requests(model):
     conditionings = encode_prompts(model, PROMPTS, [None] * len(PROMPTS))
-    return [EngineRequest("tiny", c, DenoiseParams(
+    return [EngineRequest(c, DenoiseParams(
                 64, 64, steps=6 + 2 * i, seed=100 + i, sampler=SAMPLERS[i], guidance_scale=1.0 + i,
                 cache=CacheConfig(threshold=THRESHOLDS[i], max_consecutive_hits=2 + i % 2)))
             for i, c in enumerate(conditionings)]
@@ -49,8 +49,8 @@ def _requests(model):
 
 def _solo(model, request):
     async def run():
-        engine = DenoiseEngine(lambda name: model)
-        result = await asyncio.wait_for(engine.submit(request), 60)
+        engine = DenoiseEngine()
+        result = await asyncio.wait_for(engine.submit(model, request), 60)
         await engine.close()
         return result
 
@@ -62,8 +62,9 @@ def test_each_request_gets_its_solo_result_amid_others(builtin_model):
     recorder = Recorder()
 
     async def run():
-        engine = DenoiseEngine(lambda name: builtin_model, max_batch_rows=10, observer=recorder)
-        results = await asyncio.wait_for(asyncio.gather(*(engine.submit(r) for r in requests)), 120)
+        engine = DenoiseEngine(max_batch_rows=10, observer=recorder)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.submit(builtin_model, r) for r in requests)), 120)
         await engine.close()
         return results, engine.forwards
 
@@ -90,14 +91,14 @@ def test_cancelled_request_stops_using_the_unet(builtin_model):
     long.params = DenoiseParams(64, 64, steps=200, seed=1)
 
     async def run():
-        engine = DenoiseEngine(lambda name: builtin_model, max_batch_rows=8)
-        task = asyncio.ensure_future(engine.submit(long))
+        engine = DenoiseEngine(max_batch_rows=8)
+        task = asyncio.ensure_future(engine.submit(builtin_model, long))
         while engine.forwards < 3:
             await asyncio.sleep(0.005)
         task.cancel()
         record = next(r for r in engine.active if r.request is long)
         forwards_at_cancel = record.forwards
-        await asyncio.wait_for(engine.submit(short), 60)  # the engine goes on serving
+        await asyncio.wait_for(engine.submit(builtin_model, short), 60)  # the engine goes on serving
         await engine.close()
         return record, forwards_at_cancel
 
