@@ -13,11 +13,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.cache_config import CacheConfig, default_cache_config
-from pipeline.errors import InvalidRequestError
+from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError
+from pipeline.library import LoraLibrary
+from pipeline.lora import LoraSet, normalize_loras
+from pipeline.prompt_loras import parse_prompt_loras
 from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler_name
 from pipeline.seeds import MAX_SEED, resolve_seed
 
-from deployments.catalog import ModelInfo
+from deployments.catalog import ModelCatalog
 from deployments.settings import Limits
 
 SIZE_MULTIPLE = 8
@@ -55,6 +58,18 @@ class CacheRequest(BaseModel):
         return self.model_dump(exclude_unset=True)
 
 
+class LoraRequest(BaseModel):
+    """One LoRA for one request: a file name (stem) in the server's loras folder, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    weight: float = Field(1.0, ge=-10.0, le=10.0, allow_inf_nan=False)
+
+
+MAX_LORAS = 8
+
+
 # --- native -------------------------------------------------------------------------------------
 
 class GenerateRequest(BaseModel):
@@ -72,6 +87,7 @@ class GenerateRequest(BaseModel):
     sampler: str = DEFAULT_SAMPLER
     model: str | None = None
     cache: CacheRequest | None = None
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS)
 
 
 # --- OpenAI Images API --------------------------------------------------------------------------
@@ -93,6 +109,7 @@ class OpenAIImageRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     seed: int | None = Seed
     cache: CacheRequest | None = None  # an extra body field: extra_body={"cache": {...}}
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS)  # extra body
 
 
 class OpenAIImage(BaseModel):
@@ -154,6 +171,7 @@ class Generation:
     model: str | None = None
     count: int = 1
     cache: dict[str, Any] | None = None  # First Block Cache overrides of the family default
+    loras: list[tuple[str, float]] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
 
     def name(self, key: str) -> str:
@@ -175,6 +193,7 @@ class Resolved:
     model: str
     count: int
     cache: CacheConfig
+    loras: LoraSet = ()
 
     def infotext(self, seed: int) -> str:
         """A1111's "parameters" text, written into each PNG."""
@@ -186,15 +205,19 @@ class Resolved:
         return "\n".join(lines)
 
 
-def resolve(generation: Generation, models: dict[str, ModelInfo], default_model: str,
-            limits: Limits) -> Resolved:
-    """Check ``generation`` against the served models and the configured limits."""
+def resolve(generation: Generation, catalog: ModelCatalog, default_model: str, limits: Limits,
+            loras: LoraLibrary | None = None) -> Resolved:
+    """Check ``generation`` against the served models and LoRAs and the configured limits."""
     g = generation
     model_name = g.model or default_model
-    if model_name not in models:
-        raise ApiError(g.name("model"), f"unknown model {model_name!r}; served: {', '.join(models)}",
-                       status=404, code="model_not_found")
-    info = models[model_name]
+    try:
+        info = catalog.describe(model_name)
+    except NotFoundError as error:
+        raise ApiError(g.name("model"), error.message, status=404, code="model_not_found") from None
+    except InvalidRequestError as error:  # a name with a path in it
+        raise ApiError(g.name("model"), error.message) from None
+    except ModelLoadError as error:
+        raise ApiError(g.name("model"), str(error), status=422, code="model_unusable") from None
     width, height = g.width or info.native_size, g.height or info.native_size
     for key, value, limit in (("width", width, limits.max_width), ("height", height, limits.max_height)):
         if value % SIZE_MULTIPLE or value < SIZE_MULTIPLE:
@@ -224,7 +247,31 @@ def resolve(generation: Generation, models: dict[str, ModelInfo], default_model:
         raise ApiError(g.name("cache") + error.field[len("cache"):], error.message) from None
     return Resolved(prompt=g.prompt, negative_prompt=g.negative_prompt, width=width, height=height,
                     steps=g.steps, guidance_scale=float(g.guidance_scale), seed=resolve_seed(g.seed),
-                    sampler=sampler, model=model_name, count=g.count, cache=cache)
+                    sampler=sampler, model=model_name, count=g.count, cache=cache,
+                    loras=_check_loras(g, loras))
+
+
+def _check_loras(g: Generation, library: LoraLibrary | None) -> LoraSet:
+    """Every named LoRA must be a file in the loras folder (404 naming it otherwise)."""
+    if not g.loras:
+        return ()
+    if library is None:
+        raise ApiError(g.name("loras"), "this server has no loras_dir configured", status=404,
+                       code="lora_not_found")
+    if len(g.loras) > MAX_LORAS:
+        raise ApiError(g.name("loras"), f"{len(g.loras)} LoRAs; at most {MAX_LORAS} per request")
+    for name, _ in g.loras:
+        try:
+            library.resolve(name)
+        except NotFoundError as error:
+            raise ApiError(g.name("loras"), error.message, status=404, code="lora_not_found") from None
+        except InvalidRequestError as error:
+            raise ApiError(g.name("loras"), error.message) from None
+    return normalize_loras((name.removesuffix(".safetensors"), weight) for name, weight in g.loras)
+
+
+def _lora_pairs(loras: list[LoraRequest]) -> list[tuple[str, float]]:
+    return [(lora.name, lora.weight) for lora in loras]
 
 
 def _cache_overrides(cache: CacheRequest | None) -> dict[str, Any] | None:
@@ -240,7 +287,7 @@ def from_native(body: GenerateRequest) -> Generation:
     return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=body.width,
                       height=body.height, steps=body.steps, guidance_scale=body.guidance_scale,
                       seed=body.seed, sampler=body.sampler, model=body.model,
-                      cache=_cache_overrides(body.cache))
+                      cache=_cache_overrides(body.cache), loras=_lora_pairs(body.loras))
 
 
 def from_openai(body: OpenAIImageRequest) -> Generation:
@@ -262,7 +309,7 @@ def from_openai(body: OpenAIImageRequest) -> Generation:
         width, height = int(match[1]), int(match[2])
     return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt, width=width,
                       height=height, steps=body.steps or 20, seed=body.seed, model=body.model,
-                      count=body.n, cache=_cache_overrides(body.cache),
+                      count=body.n, cache=_cache_overrides(body.cache), loras=_lora_pairs(body.loras),
                       fields={"width": "size", "height": "size", "count": "n"})
 
 
@@ -290,10 +337,16 @@ def from_txt2img(body: Txt2ImgRequest, selected_model: str | None) -> Generation
         if body.cache is not None:
             raise ApiError("cache", "give cache or override_settings.cache, not both")
         cache, fields["cache"] = _a1111_cache(overrides["cache"]), "override_settings.cache"
-    return Generation(prompt=body.prompt, negative_prompt=body.negative_prompt or None,
+    try:  # A1111's extra-network syntax: <lora:name:weight> in the prompt, stripped before CLIP
+        prompt, loras = parse_prompt_loras(body.prompt)
+    except InvalidRequestError as error:
+        raise ApiError("prompt", error.message) from None
+    fields["loras"] = "prompt"
+    return Generation(prompt=prompt, negative_prompt=body.negative_prompt or None,
                       width=body.width, height=body.height, steps=body.steps,
                       guidance_scale=body.cfg_scale, seed=body.seed, sampler=sampler,
-                      model=model, count=body.batch_size * body.n_iter, cache=cache, fields=fields)
+                      model=model, count=body.batch_size * body.n_iter, cache=cache, loras=loras,
+                      fields=fields)
 
 
 def _a1111_cache(value: Any) -> dict[str, Any]:

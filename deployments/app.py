@@ -10,7 +10,6 @@ from typing import Any
 
 from ray import serve
 
-from deployments.catalog import describe_model
 from deployments.denoiser import Denoiser
 from deployments.ingress import Ingress, IngressSettings
 from deployments.placement import actor_options
@@ -23,15 +22,41 @@ def parse_args(args: dict[str, Any] | AppArgs | None, base: Path | None = None) 
     """Validated args with every model path absolute (replicas may run in another directory)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     models = {name: str(resolve_model_path(path, base)) for name, path in parsed.models.items()}
-    return parsed.model_copy(update={"models": models})
+    folders = {}
+    for key in ("checkpoints_dir", "loras_dir"):
+        value = getattr(parsed, key)
+        if value is not None:
+            folder = resolve_model_path(value, base)
+            if not folder.is_dir():
+                raise ValueError(f"{key}: {folder} is not a directory")
+            folders[key] = str(folder)
+    return parsed.model_copy(update={"models": models, **folders})
+
+
+def stage_settings(parsed: AppArgs) -> StageSettings:
+    """The replicas' settings; checks every configured model's files (a bad path fails the
+    deploy, not the first request) and picks the default model."""
+    stage = StageSettings(model_paths=parsed.models, checkpoints_dir=parsed.checkpoints_dir,
+                          loras_dir=parsed.loras_dir, default_model=parsed.default_model or "",
+                          accelerator=parsed.accelerator,
+                          max_models_per_replica=parsed.max_models_per_replica,
+                          max_loras_per_model=parsed.max_loras_per_model)
+    catalog = stage.catalog()
+    for name in parsed.models:
+        catalog.describe(name)
+    names = catalog.names()
+    default = parsed.default_model or (names[0] if names else None)
+    if default is None:
+        raise ValueError(f"checkpoints_dir: {parsed.checkpoints_dir} holds no models")
+    if default not in names:
+        raise ValueError(f"default_model: {default!r} is not served; served: {', '.join(names)}")
+    return stage.model_copy(update={"default_model": default})
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Ray Serve's builder: ``args`` is the ``args:`` mapping of the config file."""
     parsed = parse_args(args)
-    catalog = {name: describe_model(name, Path(path)) for name, path in parsed.models.items()}
-    stage = StageSettings(model_paths=parsed.models, default_model=parsed.default_model,
-                          accelerator=parsed.accelerator)
+    stage = stage_settings(parsed)
 
     def place(deployment):
         return deployment.options(ray_actor_options=actor_options(
@@ -40,6 +65,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     text_encoder = place(TextEncoder).bind(stage, parsed.text_encoder)
     denoiser = place(Denoiser).bind(stage, parsed.denoiser)
     vae_decoder = place(VAEDecoder).bind(stage, parsed.vae_decoder)
-    settings = IngressSettings(models=catalog, default_model=parsed.default_model,
-                               limits=parsed.limits, request_timeout_s=parsed.request_timeout_s)
+    settings = IngressSettings(stage=stage, limits=parsed.limits,
+                               request_timeout_s=parsed.request_timeout_s)
     return place(Ingress).bind(text_encoder, denoiser, vae_decoder, settings)

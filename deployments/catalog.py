@@ -1,17 +1,18 @@
-"""What the Ingress knows about each served model, read from its folder's JSON files.
+"""The models a Raydiance app serves: those named in the config plus a checkpoints folder.
 
-The Ingress validates sizes and lists models without loading any weights: family, native size
-and VAE scale factor all live in the diffusers folder's config files.
+The folder is read when asked, not once at deploy: a checkpoint copied into it is servable at
+once, with no restart. Metadata (family, native size, VAE scale) comes from config files or
+a checkpoint's header, never its weights, and is kept per (path, modification time).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.errors import ModelLoadError
-from pipeline.model import _FAMILY_BY_PIPELINE, refuse_pickles  # one family table, not two
+from pipeline.errors import ModelLoadError, NotFoundError
+from pipeline.library import CheckpointLibrary
+from pipeline.model import describe_model
 
 
 class ModelInfo(BaseModel):
@@ -22,25 +23,53 @@ class ModelInfo(BaseModel):
     vae_scale_factor: int
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{path}: {error}") from error
+class ModelCatalog:
+    """Name -> model path and metadata; configured names win over the folder's."""
 
+    def __init__(self, configured: dict[str, str], checkpoints_dir: str | None = None) -> None:
+        self.configured = dict(configured)
+        self.checkpoints_dir = checkpoints_dir
+        self._library = CheckpointLibrary(checkpoints_dir) if checkpoints_dir else None
+        self._described: dict[tuple[str, float], ModelInfo] = {}
 
-def describe_model(name: str, path: Path) -> ModelInfo:
-    """Read a diffusers folder's metadata; raises ModelLoadError for anything not servable."""
-    if not (path / "model_index.json").is_file():
-        raise ModelLoadError(f"models.{name}: {path} is not a diffusers model folder "
-                             "(no model_index.json)")
-    refuse_pickles(path)
-    index = _read_json(path / "model_index.json")
-    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
-    if family is None:
-        raise ModelLoadError(f"models.{name}: pipeline {index.get('_class_name')!r} is not SD1.5 or SDXL")
-    unet = _read_json(path / "unet" / "config.json")
-    vae = _read_json(path / "vae" / "config.json")
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelInfo(name=name, path=str(path), family=family,
-                     native_size=int(unet["sample_size"]) * factor, vae_scale_factor=factor)
+    def __getstate__(self) -> dict:  # replicas get the settings, not this process's memo
+        return {**self.__dict__, "_described": {}}
+
+    def names(self) -> list[str]:
+        folder = self._library.names() if self._library else []
+        return list(self.configured) + [n for n in folder if n not in self.configured]
+
+    def path(self, name: str) -> Path:
+        """Where model ``name`` lives; NotFoundError (404) naming the served ones otherwise."""
+        if name in self.configured:
+            return Path(self.configured[name])
+        if self._library is not None:
+            try:
+                return self._library.resolve(name)
+            except NotFoundError:
+                pass
+        raise NotFoundError("model", f"unknown model {name!r}; served: {', '.join(self.names())}")
+
+    def describe(self, name: str) -> ModelInfo:
+        path = self.path(name)
+        key = (str(path), path.stat().st_mtime)
+        if key not in self._described:
+            try:
+                description = describe_model(path)
+            except ModelLoadError as error:
+                raise ModelLoadError(f"model {name!r}: {error}") from error
+            self._described[key] = ModelInfo(
+                name=name, path=str(path), family=description.family,
+                native_size=description.native_size, vae_scale_factor=description.vae_scale_factor)
+        return self._described[key]
+
+    def describe_all(self) -> list[ModelInfo]:
+        """Every servable model; a broken file in the folder is left out rather than failing all."""
+        infos = []
+        for name in self.names():
+            try:
+                infos.append(self.describe(name))
+            except ModelLoadError:
+                if name in self.configured:
+                    raise
+        return infos

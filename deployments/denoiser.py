@@ -1,10 +1,11 @@
 """Denoiser: conditioning in, final latents out, through the step-batching engine.
 
 One ``pipeline.engine.DenoiseEngine`` per replica: every request this replica holds is denoised
-in shared UNet forwards, step by step, each with its own scheduler and First Block Cache. The
-deployment only loads models (off the event loop) and translates between stage messages and
-engine requests; when a caller goes away, Serve cancels ``denoise`` and the engine drops the
-request before its next step.
+in shared UNet forwards, step by step, each with its own scheduler and First Block Cache;
+requests share a forward only with the same model and LoRA set, and the engine puts that set's
+adapters on the UNet before each forward. The deployment only loads models and translates
+between stage messages and engine requests; when a caller goes away, Serve cancels ``denoise``
+and the engine drops the request before its next step.
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from ray import serve
 
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineRequest
+from pipeline.model import DiffusionModel
 
 from deployments.messages import Denoised, Encoded
-from deployments.replica import ModelStore, TorchWorker, pin_torch_threads, placement_report
+from deployments.metrics import EngineMetrics
+from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
+                                 placement_report)
 from deployments.settings import DenoiserKnobs, StageSettings
 
 
@@ -22,13 +26,18 @@ from deployments.settings import DenoiserKnobs, StageSettings
 class Denoiser:
     def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
         pin_torch_threads()
-        self.store = ModelStore(settings)
-        self.worker = TorchWorker()
-        self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows)  # metrics: wired with issue 6
+        self.store = ModelStore(settings, TorchWorker())
+        self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
+        self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
+                                    activate_adapters=self._activate_loras)
+
+    def _activate_loras(self, model: DiffusionModel, loras: tuple[tuple[str, float], ...]) -> None:
+        activate_loras(self.store.adapters(model, "unet"), model, loras)
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
-        model = self.store.loaded(encoded.model) or await self.worker.run(self.store.get, encoded.model)
-        result = await self.engine.submit(model, EngineRequest(encoded.conditioning, params))
+        model = await self.get_model(encoded.model)
+        result = await self.engine.submit(model, EngineRequest(encoded.conditioning, params,
+                                                               adapters=encoded.loras))
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,

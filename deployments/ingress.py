@@ -22,7 +22,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.denoise import DenoiseParams
-from pipeline.errors import InvalidRequestError, RaydianceError
+from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError, RaydianceError
+from pipeline.library import LoraLibrary
 from pipeline.samplers import SAMPLERS
 from pipeline.seeds import MAX_SEED
 
@@ -41,11 +42,10 @@ from deployments.api_models import (
     from_txt2img,
     resolve,
 )
-from deployments.catalog import ModelInfo
 from deployments.http_errors import install_error_handlers
 from deployments.messages import Decoded, EncodeRequest
 from deployments.metrics import install_http_metrics
-from deployments.settings import Limits
+from deployments.settings import Limits, StageSettings
 
 STAGE_TIMINGS = ("encode", "denoise", "decode")
 
@@ -58,8 +58,7 @@ install_http_metrics(api)  # added last, so it wraps the body limit: every answe
 
 
 class IngressSettings(BaseModel):
-    models: dict[str, ModelInfo]
-    default_model: str
+    stage: StageSettings  # where the models and LoRAs are (the Ingress reads metadata only)
     limits: Limits
     request_timeout_s: float = 300.0
 
@@ -84,10 +83,13 @@ class Ingress:
                  vae_decoder: DeploymentHandle, settings: IngressSettings) -> None:
         self.text_encoder, self.denoiser, self.vae_decoder = text_encoder, denoiser, vae_decoder
         self.settings = settings
+        self.default_model = settings.stage.default_model
+        self.catalog = settings.stage.catalog()
+        self.loras = LoraLibrary(settings.stage.loras_dir) if settings.stage.loras_dir else None
         self.active_images = 0
         # A1111 keeps one selected checkpoint per server; so does each Ingress replica here.
         self.a1111_options: dict[str, Any] = {
-            "sd_model_checkpoint": settings.default_model, "sd_checkpoint_hash": None,
+            "sd_model_checkpoint": self.default_model, "sd_checkpoint_hash": None,
             "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
         }
 
@@ -95,15 +97,19 @@ class Ingress:
 
     async def _run(self, job: Resolved) -> list[tuple[int, Decoded]]:
         """Encode once, then denoise and decode each image; returns (seed, PNG) per image."""
-        encoded = self.text_encoder.encode.remote(
-            EncodeRequest(job.model, job.prompt, job.negative_prompt))
+        # Each stage keeps a few models per replica; multiplexing routes to one that holds ours.
+        text_encoder, denoiser, vae_decoder = (
+            handle.options(multiplexed_model_id=job.model)
+            for handle in (self.text_encoder, self.denoiser, self.vae_decoder))
+        encoded = text_encoder.encode.remote(
+            EncodeRequest(job.model, job.prompt, job.negative_prompt, job.loras))
         seeds = [(job.seed + i) % (MAX_SEED + 1) for i in range(job.count)]
         responses = []
         for seed in seeds:
             params = DenoiseParams(job.width, job.height, job.steps, job.guidance_scale, seed,
                                    job.sampler, job.cache)
-            latents = self.denoiser.denoise.remote(encoded, params)
-            responses.append(self.vae_decoder.decode.remote(latents, job.infotext(seed)))
+            latents = denoiser.denoise.remote(encoded, params)
+            responses.append(vae_decoder.decode.remote(latents, job.infotext(seed)))
         self.active_images += job.count
         try:
             decoded = await asyncio.wait_for(asyncio.gather(*responses), self.settings.request_timeout_s)
@@ -121,6 +127,8 @@ class Ingress:
     @staticmethod
     def _translate(error: BaseException) -> BaseException:
         cause = _root_cause(error)
+        if isinstance(cause, NotFoundError):  # e.g. a LoRA file removed since the request was checked
+            return ApiError(cause.field, cause.message, status=404, code="not_found")
         if isinstance(cause, InvalidRequestError):
             return ApiError(cause.field, cause.message)
         if isinstance(error, asyncio.TimeoutError):
@@ -134,8 +142,7 @@ class Ingress:
         return error
 
     def _resolve(self, generation) -> Resolved:
-        return resolve(generation, self.settings.models, self.settings.default_model,
-                       self.settings.limits)
+        return resolve(generation, self.catalog, self.default_model, self.settings.limits, self.loras)
 
     # --- native ---------------------------------------------------------------------------------
 
@@ -161,14 +168,13 @@ class Ingress:
     async def models(self) -> dict[str, Any]:
         data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
                  "family": info.family, "native_size": info.native_size,
-                 "default": info.name == self.settings.default_model}
-                for info in self.settings.models.values()]
+                 "default": info.name == self.default_model}
+                for info in self.catalog.describe_all()]
         return {"object": "list", "data": data}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "models": list(self.settings.models),
-                "default_model": self.settings.default_model}
+        return {"status": "ok", "default_model": self.default_model}
 
     # --- OpenAI Images API ------------------------------------------------------------------------
 
@@ -209,7 +215,7 @@ class Ingress:
     @api.get("/sdapi/v1/sd-models")
     async def sd_models(self) -> list[dict[str, Any]]:
         return [{"title": info.name, "model_name": info.name, "hash": None, "sha256": None,
-                 "filename": info.path, "config": None} for info in self.settings.models.values()]
+                 "filename": info.path, "config": None} for info in self.catalog.describe_all()]
 
     @api.get("/sdapi/v1/samplers")
     async def samplers(self) -> list[dict[str, Any]]:
@@ -228,6 +234,19 @@ class Ingress:
     async def sd_vae(self) -> list[dict[str, Any]]:
         return []
 
+    @api.get("/sdapi/v1/loras")
+    async def a1111_loras(self) -> list[dict[str, Any]]:
+        """What A1111's Lora extension lists; clients build ``<lora:name:weight>`` tags from it."""
+        return [{"name": name, "alias": name, "path": str(self.loras.resolve(name)), "metadata": {}}
+                for name in self._lora_names()]
+
+    @api.get("/v1/loras")
+    async def native_loras(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "lora"} for name in self._lora_names()]}
+
+    def _lora_names(self) -> list[str]:
+        return self.loras.names() if self.loras is not None else []
+
     @api.get("/sdapi/v1/options")
     async def get_options(self) -> dict[str, Any]:
         return dict(self.a1111_options)
@@ -238,9 +257,13 @@ class Ingress:
         are accepted and ignored; only the checkpoint is checked and kept."""
         model = body.get("sd_model_checkpoint")
         if model is not None:
-            if model not in self.settings.models:
-                raise ApiError("sd_model_checkpoint", f"unknown model {model!r}; served: "
-                               f"{', '.join(self.settings.models)}", status=404, code="model_not_found")
+            try:
+                self.catalog.describe(model)
+            except NotFoundError as error:
+                raise ApiError("sd_model_checkpoint", error.message, status=404,
+                               code="model_not_found") from None
+            except (InvalidRequestError, ModelLoadError) as error:
+                raise ApiError("sd_model_checkpoint", str(error)) from None
             self.a1111_options["sd_model_checkpoint"] = model
         return None
 

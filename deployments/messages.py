@@ -14,9 +14,12 @@ from pipeline.conditioning import Conditioning
 
 @dataclass(frozen=True)
 class EncodeRequest:
+    """Also the TextEncoder's embedding-cache key: everything that decides the conditioning."""
+
     model: str
     prompt: str
     negative_prompt: str | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # normalized LoRA set (text-encoder parts apply)
 
 
 @dataclass
@@ -24,6 +27,7 @@ class Encoded:
     model: str
     conditioning: Conditioning
     timings: dict[str, float] = field(default_factory=dict)
+    loras: tuple[tuple[str, float], ...] = ()  # the Denoiser applies their UNet parts
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -12,8 +11,11 @@ import torch
 
 from pipeline.device import default_dtype, select_device
 from pipeline.errors import InvalidRequestError
+from pipeline.library import LoraLibrary
+from pipeline.lora import AdapterManager
 from pipeline.model import DiffusionModel, load_model
 
+from deployments.metrics import LoadTimer
 from deployments.settings import StageSettings
 
 T = TypeVar("T")
@@ -43,29 +45,62 @@ class TorchWorker:
 
 
 class ModelStore:
-    """This replica's models, loaded on first use (the default one at start) on its device."""
+    """This replica's models: loaded on first use off the event loop, at most
+    ``max_models_per_replica`` kept (Ray Serve model multiplexing, which also tells the router
+    which replica holds which model), the default one loaded at start.
 
-    def __init__(self, settings: StageSettings) -> None:
+    ``await store.get(name)`` returns the model. A model dropped from the store stays alive for
+    the requests still using it.
+    """
+
+    def __init__(self, settings: StageSettings, worker: TorchWorker) -> None:
+        from ray import serve
+
         self.settings = settings
+        self.catalog = settings.catalog()
+        self.worker = worker
         self.device = select_device(settings.accelerator)
         self.dtype = default_dtype(self.device)
-        self._models: dict[str, DiffusionModel] = {}
-        self._lock = threading.Lock()
-        self.get(settings.default_model)
+        self._preloaded = {settings.default_model: self.load(settings.default_model)}
 
-    def loaded(self, name: str) -> DiffusionModel | None:
-        """The model if already in memory: a lookup cheap enough for the event loop."""
-        return self._models.get(name)
+        async def get(name: str) -> DiffusionModel:
+            model = self._preloaded.pop(name, None)
+            return model if model is not None else await self.worker.run(self.load, name)
 
-    def get(self, name: str) -> DiffusionModel:
-        if name not in self.settings.model_paths:
-            raise InvalidRequestError("model", f"unknown model {name!r}; served: "
-                                      f"{', '.join(self.settings.model_paths)}")
-        with self._lock:
-            if name not in self._models:
-                self._models[name] = load_model(self.settings.model_paths[name], device=self.device,
-                                                dtype=self.dtype, name=name)
-            return self._models[name]
+        # A function, not a method: Ray keeps the multiplexer on the decorated object.
+        self.get = serve.multiplexed(max_num_models_per_replica=settings.max_models_per_replica)(get)
+
+    def load(self, name: str) -> DiffusionModel:
+        path = self.catalog.path(name)  # NotFoundError for a name that is not (or no longer) served
+        with LoadTimer(name, "model"):  # raydiance_model_loads, _model_load_seconds
+            return load_model(path, device=self.device, dtype=self.dtype, name=name)
+
+    def adapters(self, model: DiffusionModel, part: str) -> AdapterManager | None:
+        """The model's LoRA adapters for this stage's ``part`` (None when no loras_dir is set);
+        kept on the model, so they go when it goes."""
+        if self.settings.loras_dir is None:
+            return None
+        manager = model.extra.get("adapters")
+        if manager is None:
+            manager = model.extra["adapters"] = AdapterManager(
+                model, LoraLibrary(self.settings.loras_dir),
+                max_loaded=self.settings.max_loras_per_model, parts=(part,))
+        return manager
+
+
+def activate_loras(manager: AdapterManager | None, model: DiffusionModel,
+                   loras: tuple[tuple[str, float], ...]) -> None:
+    """Put ``loras`` on the model (on the torch thread), timing the loads of new ones."""
+    if manager is None:
+        if loras:
+            raise InvalidRequestError("loras", "this server has no loras_dir configured")
+        return
+    missing = [name for name, _ in loras if name not in manager.loaded]
+    if not missing:
+        manager.activate(loras)
+        return
+    with LoadTimer(model.name, "lora"):
+        manager.activate(loras)
 
 
 def placement_report(store: ModelStore) -> dict[str, Any]:

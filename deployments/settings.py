@@ -89,7 +89,17 @@ class AppArgs(_Strict):
     """Everything ``build_app`` needs; see serve_config.yaml for each knob explained."""
 
     models: dict[str, str] = Field(default_factory=lambda: {"tiny-shapes": str(BUILTIN_MODEL_DIR)})
+    # A ComfyUI/A1111-style folder of checkpoints (*.safetensors single files and diffusers
+    # folders), each served under its file or folder name; read per request, so new files serve
+    # at once. And a folder of LoRAs (*.safetensors, kohya or diffusers/peft), named by stem.
+    checkpoints_dir: str | None = None
+    loras_dir: str | None = None
     default_model: str | None = None
+    # Models each stage replica keeps loaded (Ray Serve model multiplexing routes a request to a
+    # replica holding its model; the least recently used is dropped beyond this), and LoRAs
+    # each model keeps loaded as adapters.
+    max_models_per_replica: PositiveInt = 2
+    max_loras_per_model: PositiveInt = 8
     accelerator: Literal["auto", "cpu", "cuda"] = "auto"
     limits: Limits = Field(default_factory=Limits)
     text_encoder: BatchKnobs = Field(default_factory=BatchKnobs)
@@ -99,14 +109,11 @@ class AppArgs(_Strict):
     request_timeout_s: PositiveFloat = 300.0
 
     @model_validator(mode="after")
-    def _default_is_served(self) -> "AppArgs":
-        if not self.models:
-            raise ValueError("models: name at least one model (name: path)")
-        if self.default_model is None:
+    def _something_is_served(self) -> "AppArgs":
+        if not self.models and not self.checkpoints_dir:
+            raise ValueError("models: name at least one model (name: path), or give checkpoints_dir")
+        if self.default_model is None and self.models:
             self.default_model = next(iter(self.models))
-        elif self.default_model not in self.models:
-            raise ValueError(f"default_model: {self.default_model!r} is not one of models "
-                             f"({', '.join(self.models)})")
         return self
 
 
@@ -114,8 +121,17 @@ class StageSettings(_Strict):
     """What a model-holding replica needs: where the models are and which device to use."""
 
     model_paths: dict[str, str]
+    checkpoints_dir: str | None = None
+    loras_dir: str | None = None
     default_model: str
     accelerator: Literal["auto", "cpu", "cuda"]
+    max_models_per_replica: PositiveInt = 2
+    max_loras_per_model: PositiveInt = 8
+
+    def catalog(self) -> "ModelCatalog":
+        from deployments.catalog import ModelCatalog
+
+        return ModelCatalog(self.model_paths, self.checkpoints_dir)
 
 
 def resolve_model_path(path: str, base: Path | None = None) -> Path:

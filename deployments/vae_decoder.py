@@ -13,6 +13,7 @@ from ray import serve
 
 from pipeline.decode import decode_latents
 from pipeline.images import encode_png
+from pipeline.model import DiffusionModel
 
 from deployments import metrics
 from deployments.messages import Decoded, Denoised
@@ -20,18 +21,23 @@ from deployments.replica import ModelStore, TorchWorker, pin_torch_threads, plac
 from deployments.settings import BatchKnobs, StageSettings
 
 
+DecodeItem = tuple[Denoised, "str | None", DiffusionModel]  # latents, PNG text, the model
+
+
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
 class VAEDecoder:
     def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
         pin_torch_threads()
-        self.store = ModelStore(settings)
         self.worker = TorchWorker()
+        self.store = ModelStore(settings, self.worker)
+        self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self._decode_batch.set_max_batch_size(knobs.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
 
     async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
         start = time.perf_counter()
-        result = await self._decode_batch((denoised, png_parameters))
+        model = await self.get_model(denoised.model)
+        result = await self._decode_batch((denoised, png_parameters, model))
         if isinstance(result, BaseException):
             raise result
         metrics.record_stage("decode", denoised.model, time.perf_counter() - start)
@@ -39,18 +45,18 @@ class VAEDecoder:
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _decode_batch(self, items: list[tuple[Denoised, str | None]]) -> list[Decoded | BaseException]:
+    async def _decode_batch(self, items: list[DecodeItem]) -> list[Decoded | BaseException]:
         return await self.worker.run(self._decode_sync, items)
 
-    def _decode_sync(self, items: list[tuple[Denoised, str | None]]) -> list[Decoded | BaseException]:
+    def _decode_sync(self, items: list[DecodeItem]) -> list[Decoded | BaseException]:
         results: list[Decoded | BaseException | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = defaultdict(list)  # one VAE forward per model and shape
-        for i, (denoised, _) in enumerate(items):
-            groups[(denoised.model, tuple(denoised.latents.shape))].append(i)
-        for (name, _), indices in groups.items():
+        for i, (denoised, _, model) in enumerate(items):
+            groups[(id(model), tuple(denoised.latents.shape))].append(i)
+        for indices in groups.values():
             start = time.perf_counter()
+            model = items[indices[0]][2]
             try:
-                model = self.store.get(name)
                 pixels = decode_latents(model, torch.cat([items[i][0].latents for i in indices]))
                 pngs = [encode_png(p, items[i][1]) for p, i in zip(pixels, indices)]
             except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to

@@ -21,3 +21,11 @@ class InvalidRequestError(RaydianceError, ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class NotFoundError(InvalidRequestError):
+    """A request names something (a model, a LoRA) that does not exist: the API answers 404.
+
+    A subclass of ``InvalidRequestError``, so that code mapping request errors still catches it;
+    check for this class first where the status differs.
+    """

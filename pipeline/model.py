@@ -1,4 +1,8 @@
-"""Loading a Stable Diffusion-family model from a diffusers folder: local files, safetensors only."""
+"""Loading a Stable Diffusion-family model, a diffusers folder or a single-file checkpoint.
+
+Local files only, safetensors only. Single ``.safetensors`` checkpoints in the original LDM/SGM
+layout (as ComfyUI and AUTOMATIC1111 users have them) load through ``pipeline.checkpoints``.
+"""
 from __future__ import annotations
 
 import json
@@ -78,6 +82,44 @@ def refuse_pickles(path: Path) -> None:
                 "run code when loaded); save the model with safe_serialization=True")
 
 
+def vae_dtype(vae_config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows in fp16 (its config says ``force_upcast``): decode in fp32."""
+    if dtype == torch.float16 and vae_config.get("force_upcast", True):
+        return torch.float32
+    return dtype
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a catalog needs to know of a model without loading its weights."""
+
+    family: Family
+    native_size: int  # the side in pixels the model was trained at
+    vae_scale_factor: int
+
+
+def describe_model(path: str | Path) -> ModelDescription:
+    """Family, native size and VAE scale of a diffusers folder (its JSON files) or a single-file
+    checkpoint (its header: key names, shapes and metadata), reading no weights."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such model")
+    refuse_pickles(path)
+    if path.is_file():
+        # imported here: that package imports this module
+        from pipeline.checkpoints import describe_checkpoint
+
+        return describe_checkpoint(path)
+    index = _read_index(path)
+    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
+    if family is None:
+        raise ModelLoadError(f"{path}: pipeline {index.get('_class_name')!r} is not SD1.5 or SDXL")
+    unet_config = json.loads((path / "unet" / "config.json").read_text())
+    vae_config = json.loads((path / "vae" / "config.json").read_text())
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return ModelDescription(family, int(unet_config["sample_size"]) * factor, factor)
+
+
 def _read_index(path: Path) -> dict[str, Any]:
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -87,11 +129,17 @@ def _read_index(path: Path) -> dict[str, Any]:
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, name: str | None = None) -> DiffusionModel:
-    """Load an SD1.5 or SDXL diffusers folder; never reaches the network, never unpickles."""
+    """Load an SD1.5 or SDXL diffusers folder or single ``.safetensors`` checkpoint; never
+    reaches the network, never unpickles."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such model")
     refuse_pickles(path)
+    if path.is_file():
+        # imported here: that package imports this module
+        from pipeline.checkpoints import load_checkpoint
+
+        return load_checkpoint(path, device=device, dtype=dtype, name=name)
     index = _read_index(path)
     family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
     if family is None:
@@ -108,12 +156,10 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu",
     unet = UNet2DConditionModel.from_pretrained(
         path, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dtype,
     ).to(device).eval().requires_grad_(False)
-    vae_dtype = dtype
     vae_config = json.loads((path / "vae" / "config.json").read_text())
-    if dtype == torch.float16 and vae_config.get("force_upcast", True):
-        vae_dtype = torch.float32  # SDXL's VAE overflows in fp16: decode in fp32
     vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", local_files_only=True, use_safetensors=True, torch_dtype=vae_dtype,
+        path, subfolder="vae", local_files_only=True, use_safetensors=True,
+        torch_dtype=vae_dtype(vae_config, dtype),
     ).to(device).eval().requires_grad_(False)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return DiffusionModel(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from diffusers import (
     AutoencoderKL,
     StableDiffusionPipeline,
@@ -90,3 +91,42 @@ def build_random_sd15(folder: Path, *, seed: int = 0, latent_size: int = 32,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# --- random LoRAs, for tests and benchmarks ---------------------------------------------------
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+
+def _pairs(module: torch.nn.Module, targets: tuple[str, ...], rank: int, generator: torch.Generator):
+    """(module name, lora_A, lora_B) for every Linear whose name ends in one of ``targets``."""
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(targets):
+            down = torch.randn(rank, layer.in_features, generator=generator) * 0.2
+            up = torch.randn(layer.out_features, rank, generator=generator) * 0.2
+            yield name, down, up
+
+
+def write_lora_pair(model, folder: Path, stem: str, seed: int, rank: int = 4, *, unet_keys=None,
+                    text_targets: tuple[str, ...] = TEXT_TARGETS) -> None:
+    """The same LoRA twice: ``{stem}_kohya`` (alpha = rank/2, so scale 0.5) and ``{stem}_peft``
+    (diffusers/peft keys, no alpha, the 0.5 folded into lora_B)."""
+    generator = torch.Generator().manual_seed(seed)
+    kohya, peft = {}, {}
+    for name, down, up in _pairs(model.unet, UNET_TARGETS, rank, generator):
+        kohya_name = "lora_unet_" + (unet_keys(name) if unet_keys else name).replace(".", "_")
+        kohya |= {f"{kohya_name}.lora_down.weight": down, f"{kohya_name}.lora_up.weight": up,
+                  f"{kohya_name}.alpha": torch.tensor(rank / 2)}
+        peft |= {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up * 0.5}
+    for i, encoder in enumerate(model.text_encoders):
+        te, prefix = ("lora_te1_" if len(model.text_encoders) > 1 else "lora_te_", "text_encoder") if i == 0 \
+            else ("lora_te2_", "text_encoder_2")
+        for name, down, up in _pairs(encoder, text_targets, rank, generator):
+            full = name if name.startswith("text_model.") else f"text_model.{name}"
+            kohya_name = te + full.replace(".", "_")
+            kohya |= {f"{kohya_name}.lora_down.weight": down, f"{kohya_name}.lora_up.weight": up,
+                      f"{kohya_name}.alpha": torch.tensor(rank / 2)}
+            peft |= {f"{prefix}.{full}.lora_A.weight": down, f"{prefix}.{full}.lora_B.weight": up * 0.5}
+    save_file(kohya, folder / f"{stem}_kohya.safetensors")
+    save_file(peft, folder / f"{stem}_peft.safetensors")

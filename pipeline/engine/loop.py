@@ -8,7 +8,7 @@ from typing import Protocol
 
 from pipeline.denoise import DenoiseJob
 from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
-from pipeline.engine.runner import StepReport, run_step
+from pipeline.engine.runner import ActivateAdapters, StepReport, run_step
 from pipeline.engine.scheduler import pick_step_group
 from pipeline.model import DiffusionModel
 
@@ -47,12 +47,13 @@ class DenoiseEngine:
     step and no further UNet work is spent on it.
     """
 
-    def __init__(self, *, max_batch_rows: int = 16,
-                 observer: EngineObserver | None = None) -> None:
+    def __init__(self, *, max_batch_rows: int = 16, observer: EngineObserver | None = None,
+                 activate_adapters: ActivateAdapters | None = None) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.max_batch_rows = max_batch_rows
         self.observer = observer or _Silent()
+        self.activate_adapters = activate_adapters
         self.active: list[ActiveRequest] = []
         self.forwards = 0
         self.cancelled = 0  # requests dropped because their caller went away
@@ -94,7 +95,8 @@ class DenoiseEngine:
                 request.started = request.started or now
             model = group[0].model
             try:
-                step = await loop.run_in_executor(self._executor, run_step, model, group)
+                step = await loop.run_in_executor(self._executor, run_step, model, group,
+                                                  self.activate_adapters)
             except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
                 for request in group:
                     self._finish(request, error=error)

@@ -3,10 +3,15 @@ each request its slice."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.engine.request import ActiveRequest
 from pipeline.first_block_cache import forward_unet_cached
 from pipeline.model import DiffusionModel
+
+# Puts a LoRA set on the model before a forward (e.g. ``AdapterManager.activate``); runs on the
+# UNet thread, since switching adapters must not race a forward.
+ActivateAdapters = Callable[[DiffusionModel, tuple[tuple[str, float], ...]], object]
 
 
 @dataclass(frozen=True)
@@ -19,14 +24,18 @@ class StepReport:
     cached: int  # requests whose step was approximated from their cache
 
 
-def run_step(model: DiffusionModel, group: list[ActiveRequest]) -> StepReport:
-    """One UNet forward for ``group``; advances each request one step.
+def run_step(model: DiffusionModel, group: list[ActiveRequest],
+             activate_adapters: ActivateAdapters | None = None) -> StepReport:
+    """One UNet forward for ``group`` (one batch key: one model, one LoRA set); advances each
+    request one step.
 
     Each request's First Block Cache decides for its own rows (``forward_unet_cached``); with
     every cache off this is exactly ``forward_unet``. The row accounting is checked after the
     forward: a request handed a slice of the wrong size fails loudly rather than drawing someone
     else's picture.
     """
+    if activate_adapters is not None:
+        activate_adapters(model, group[0].request.adapters)
     rows = [r.job.unet_rows() for r in group]
     result = forward_unet_cached(model, rows, [r.job.cache for r in group])
     if len(result.outputs) != len(group):

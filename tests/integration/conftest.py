@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -29,6 +30,8 @@ LIMITS = {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4,
 class Service:
     url: str
     client: httpx.Client
+    checkpoints_dir: Path
+    loras_dir: Path
 
     def generate(self, **body) -> httpx.Response:
         return self.client.post("/v1/generate", json=body)
@@ -38,25 +41,44 @@ def png_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def model_folders(root: Path) -> tuple[Path, Path]:
+    """A checkpoints folder holding the built-in model as one single-file checkpoint
+    (``tiny-single``), and a loras folder with two LoRAs in both formats (``a_kohya``,
+    ``a_peft``, ``b_kohya``, ``b_peft``), all made here."""
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.model import load_model
+    from pipeline.random_models import write_lora_pair
+
+    checkpoints, loras = root / "checkpoints", root / "loras"
+    loras.mkdir(parents=True)
+    model = load_model(MODEL_DIR)
+    save_checkpoint(model, checkpoints / "tiny-single.safetensors")
+    write_lora_pair(model, loras, "a", seed=1)
+    write_lora_pair(model, loras, "b", seed=2)
+    return checkpoints, loras
+
+
 @pytest.fixture(scope="package")
-def service():
+def service(tmp_path_factory):
     import ray
     from ray import serve
 
     from deployments.app import build_app
     from deployments.local import deploy, free_port, wait_http
 
+    checkpoints, loras = model_folders(tmp_path_factory.mktemp("library"))
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         app = build_app({"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu",
-                         "limits": LIMITS})
+                         "limits": LIMITS, "checkpoints_dir": str(checkpoints),
+                         "loras_dir": str(loras), "max_models_per_replica": 2})
         deploy(app, APP_NAME, timeout_s=240)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", timeout_s=60)
         with httpx.Client(base_url=url, timeout=120.0) as client:
-            yield Service(url, client)
+            yield Service(url, client, checkpoints, loras)
     finally:
         serve.shutdown()
         ray.shutdown()

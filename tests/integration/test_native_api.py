@@ -17,8 +17,9 @@ def test_healthz_and_models(service):
     assert health.status_code == 200 and health.json()["status"] == "ok"
     models = service.client.get("/v1/models").json()
     assert models["object"] == "list"
-    (entry,) = models["data"]
+    entry = models["data"][0]  # the configured model, then the checkpoints folder's
     assert entry["id"] == "tiny-shapes" and entry["native_size"] == 64 and entry["default"]
+    assert [m["default"] for m in models["data"][1:]] == [False] * (len(models["data"]) - 1)
 
 
 def test_generate_returns_png_with_seed_and_timings(service):

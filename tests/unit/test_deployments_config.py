@@ -18,7 +18,7 @@ from deployments.api_models import (
     resolve,
 )
 from deployments.app import parse_args
-from deployments.catalog import describe_model
+from deployments.catalog import ModelCatalog
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, Limits, Placement
 from pipeline.tiny_shapes import MODEL_DIR
@@ -49,7 +49,6 @@ def test_relative_model_paths_fall_back_to_the_project_root(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("args,field", [
-    ({"models": {"a": "x"}, "default_model": "b"}, "default_model"),
     ({"models": {}}, "models"),
     ({"accelerator": "tpu"}, "accelerator"),
     ({"limits": {"max_steps": 0}}, "max_steps"),
@@ -59,6 +58,19 @@ def test_relative_model_paths_fall_back_to_the_project_root(tmp_path, monkeypatc
 def test_bad_args_fail_naming_the_key(args, field):
     with pytest.raises(ValidationError, match=field):
         AppArgs.model_validate(args)
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"models": {"a": str(MODEL_DIR)}, "default_model": "b"}, "default_model"),
+    ({"models": {"a": "/nonexistent/model"}}, "nonexistent"),
+    ({"checkpoints_dir": "/nonexistent/folder"}, "checkpoints_dir"),
+    ({"loras_dir": str(MODEL_DIR / "model_index.json")}, "loras_dir"),
+])
+def test_bad_paths_fail_the_build_naming_them(args, field):
+    from deployments.app import stage_settings
+
+    with pytest.raises(Exception, match=field):
+        stage_settings(parse_args(args))
 
 
 def test_placement_follows_accelerator_and_cluster():
@@ -72,12 +84,24 @@ def test_placement_follows_accelerator_and_cluster():
 
 @pytest.fixture(scope="module")
 def catalog():
-    return {"tiny-shapes": describe_model("tiny-shapes", MODEL_DIR)}
+    return ModelCatalog({"tiny-shapes": str(MODEL_DIR)})
 
 
 def test_catalog_reads_native_size_without_loading(catalog):
-    info = catalog["tiny-shapes"]
+    info = catalog.describe("tiny-shapes")
     assert (info.family, info.native_size, info.vae_scale_factor) == ("sd15", 64, 4)
+
+
+def test_catalog_serves_a_checkpoints_folder_read_when_asked(tmp_path):
+    from pipeline.errors import NotFoundError
+
+    catalog = ModelCatalog({"tiny-shapes": str(MODEL_DIR)}, str(tmp_path))
+    assert catalog.names() == ["tiny-shapes"]
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    assert catalog.names() == ["tiny-shapes", "broken"]
+    assert [info.name for info in catalog.describe_all()] == ["tiny-shapes"]  # broken left out
+    with pytest.raises(NotFoundError, match="served: tiny-shapes, broken"):
+        catalog.path("nope")
 
 
 def check(generation, catalog, limits=Limits()):

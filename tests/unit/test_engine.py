@@ -105,3 +105,35 @@ def test_cancelled_request_stops_using_the_unet(builtin_model):
     record, at_cancel = asyncio.run(run())
     assert record.forwards <= at_cancel + 1  # at most the step already running
     assert record.job.step_index < 20
+
+
+def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_result(tmp_path):
+    from pipeline.library import LoraLibrary
+    from pipeline.lora import AdapterManager
+    from pipeline.model import load_model
+    from pipeline.random_models import write_lora_pair
+    from pipeline.tiny_shapes import MODEL_DIR
+
+    model = load_model(MODEL_DIR)  # its own copy: adapters change the module tree
+    write_lora_pair(model, tmp_path, "a", seed=1)
+    write_lora_pair(model, tmp_path, "b", seed=2)
+    manager = AdapterManager(model, LoraLibrary(tmp_path), parts=("unet",))
+    conditionings = encode_prompts(model, PROMPTS[:3], [None] * 3)
+    sets = [(("a_peft", 1.0),), (("b_kohya", 0.7),), ()]
+    requests = [EngineRequest(c, DenoiseParams(64, 64, steps=8, seed=5 + i), adapters=s)
+                for i, (c, s) in enumerate(zip(conditionings, sets))]
+    recorder = Recorder()
+
+    async def run(batch, max_batch_rows=32):
+        engine = DenoiseEngine(max_batch_rows=max_batch_rows, observer=recorder,
+                               activate_adapters=lambda m, loras: manager.activate(loras))
+        results = await asyncio.wait_for(asyncio.gather(*(engine.submit(model, r) for r in batch)), 120)
+        await engine.close()
+        return results
+
+    together = asyncio.run(run(requests))
+    assert max(recorder.rows) == 2  # different LoRA sets never share a forward
+    solos = [asyncio.run(run([r]))[0] for r in requests]
+    for request, result, solo in zip(requests, together, solos):
+        assert torch.equal(result.latents, solo.latents), request.adapters
+    assert not torch.allclose(together[0].latents, together[2].latents, atol=1e-3)  # LoRA did something

@@ -1,0 +1,116 @@
+"""Folders of LoRAs and checkpoints that requests pick from by name, and nothing outside them.
+
+A request names a LoRA or a model; the name must resolve to a file inside the configured folder.
+A name with a path separator or ``..``, an absolute path, or a symlink that leads out of the
+folder is refused (``InvalidRequestError``); an unknown name is ``NotFoundError`` (404).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import InvalidRequestError, NotFoundError
+from pipeline.model import PICKLE_SUFFIXES
+
+SAFETENSORS = ".safetensors"
+
+
+class _Folder:
+    """Name checks and containment shared by the libraries."""
+
+    kind = "file"
+
+    def __init__(self, folder: str | Path, field: str) -> None:
+        self.folder = Path(folder).expanduser()
+        self.field = field
+
+    def _checked(self, name: object) -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequestError(self.field, f"a {self.kind} name must be a non-empty string")
+        separators = {"/", "\\", os.sep, os.altsep or "/"}
+        if (any(s in name for s in separators) or ".." in name or name.startswith(".")
+                or os.path.isabs(name) or any(ord(c) < 32 for c in name)):
+            raise InvalidRequestError(self.field, f"{name!r} is not a plain {self.kind} name")
+        return name.strip()
+
+    def _inside(self, path: Path, name: str) -> Path:
+        """``path`` with symlinks resolved, refused if that leaves the folder."""
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.folder.resolve()):
+            raise InvalidRequestError(self.field, f"{name!r} leads outside the {self.kind} folder")
+        return resolved
+
+    def _stems(self, suffix: str) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        root = self.folder.resolve()
+        return sorted(p.name[:-len(suffix)] for p in self.folder.iterdir()
+                      if p.name.endswith(suffix) and not p.name.startswith(".") and p.is_file()
+                      and p.resolve().is_relative_to(root))
+
+    def _refuse_pickle(self, stem: str) -> None:
+        for suffix in sorted(PICKLE_SUFFIXES):
+            if (self.folder / f"{stem}{suffix}").exists():
+                raise InvalidRequestError(self.field, f"{stem}{suffix} is a pickle-format file, refused "
+                                          "(it can run code when loaded): convert it to .safetensors")
+
+
+class LoraLibrary(_Folder):
+    """The ``*.safetensors`` LoRAs of one folder, named by file stem."""
+
+    kind = "LoRA"
+
+    def __init__(self, folder: str | Path, field: str = "loras") -> None:
+        super().__init__(folder, field)
+
+    def names(self) -> list[str]:
+        return self._stems(SAFETENSORS)
+
+    def resolve(self, name: str) -> Path:
+        """The LoRA file that ``name`` (with or without ``.safetensors``) stands for."""
+        stem = self._checked(name).removesuffix(SAFETENSORS)
+        path = self.folder / f"{stem}{SAFETENSORS}"
+        if not os.path.lexists(path):
+            self._refuse_pickle(stem)
+            raise NotFoundError(self.field, f"no LoRA named {stem!r}")
+        resolved = self._inside(path, name)
+        if not resolved.is_file():
+            raise NotFoundError(self.field, f"no LoRA named {stem!r}")
+        return resolved
+
+
+class CheckpointLibrary(_Folder):
+    """The models of one folder: single ``*.safetensors`` checkpoints (named by stem) and diffusers
+    folders (subfolders with a ``model_index.json``, named by folder name; a folder wins over a
+    file of the same stem)."""
+
+    kind = "model"
+
+    def __init__(self, folder: str | Path, field: str = "model") -> None:
+        super().__init__(folder, field)
+
+    def _folders(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        root = self.folder.resolve()
+        return sorted(p.name for p in self.folder.iterdir()
+                      if not p.name.startswith(".") and (p / "model_index.json").is_file()
+                      and p.resolve().is_relative_to(root))
+
+    def names(self) -> list[str]:
+        return sorted(set(self._folders()) | set(self._stems(SAFETENSORS)))
+
+    def resolve(self, name: str) -> Path:
+        """The diffusers folder or checkpoint file that ``name`` stands for."""
+        name = self._checked(name)
+        folder = self.folder / name
+        if (folder / "model_index.json").is_file():
+            return self._inside(folder, name)
+        stem = name.removesuffix(SAFETENSORS)
+        path = self.folder / f"{stem}{SAFETENSORS}"
+        if os.path.lexists(path):
+            resolved = self._inside(path, name)
+            if resolved.is_file():
+                return resolved
+        self._refuse_pickle(stem)
+        raise NotFoundError(self.field, f"no model named {name!r}")

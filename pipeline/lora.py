@@ -1,0 +1,235 @@
+"""LoRAs on a loaded model as named peft adapters: load once, switch sets per batch by weights.
+
+Files are kohya (``lora_unet_*``, ``lora_te{,1,2}_*`` with ``lora_down``/``lora_up``/``alpha``)
+or diffusers/peft (``unet.*.lora_A.weight``); diffusers' ``lora_state_dict`` converts the former,
+and ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject them. An ``AdapterManager``
+keeps up to ``max_loaded`` of them on one model (least recently used evicted) and activates a
+set by setting each adapter's weight: switching sets reloads nothing. All requests of a batch
+share one set, so the engine calls ``activate`` before the batch's UNet forward, and the
+text-encoding stage before it encodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers.loaders import (
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
+from diffusers.utils.peft_utils import delete_adapter_layers
+from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_peft
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from pipeline.errors import InvalidRequestError, ModelLoadError
+from pipeline.library import LoraLibrary
+from pipeline.model import PICKLE_SUFFIXES, DiffusionModel
+
+LoraSet = tuple[tuple[str, float], ...]
+"""Canonical LoRA set: (name, weight) pairs sorted by name, no zero weights, no repeats."""
+Part = Literal["unet", "text_encoders"]
+_UNET_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.",
+                 "add_embedding.")
+_LORA_KEY = re.compile(r"lora_(down|up|A|B)\.|lora\.(down|up)\.|lora_linear_layer|\.alpha$|dora_scale"
+                       r"|lora_magnitude_vector")
+_QUIET_LOGGERS = ("transformers.integrations.peft", "transformers.utils.loading_report",
+                  "diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline",
+                  "diffusers.utils.peft_utils", "peft")
+
+
+def normalize_loras(loras: Iterable[tuple[str, float]]) -> LoraSet:
+    """One key per effective set: repeated names add up (as applying a LoRA twice would), zero
+    weights drop out (they change nothing), order is by name. Use it to group a batch."""
+    total: dict[str, float] = {}
+    for name, weight in loras:
+        total[name] = total.get(name, 0.0) + float(weight)
+    return tuple(sorted((name, weight) for name, weight in total.items() if weight != 0.0))
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A LoRA file's tensors and diffusers' adapter metadata; pickles are refused unread."""
+    if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix.lower() != ".safetensors":
+        raise InvalidRequestError("loras", f"{path.name}: only .safetensors LoRAs are loaded")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = (f.metadata() or {}).get("lora_adapter_metadata")
+        return load_file(path), json.loads(metadata) if metadata else None
+    except Exception as error:  # safetensors' own error types, bad JSON
+        raise ModelLoadError(f"{path.name}: not a readable safetensors LoRA ({error})") from None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Loading an adapter makes transformers log a table of every base weight as "missing";
+    silence that, diffusers' notes and peft's warning about a second adapter (intended here)."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _text_encoder_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kohya text-encoder keys come out of diffusers' conversion in its old naming, which its
+    loader recognises only when an ``out_proj`` LoRA is present; name them the peft way here."""
+    if any(".lora_A." in k or ".lora_B." in k for k in state_dict):
+        return state_dict
+    return convert_state_dict_to_peft(state_dict, original_type=StateDictType.DIFFUSERS_OLD)
+
+
+class AdapterManager:
+    """The LoRAs loaded on one model, at most ``max_loaded``, and the set now active.
+
+    ``parts`` says which components take LoRAs here: a Denoiser replica needs only the UNet,
+    a text-encoding one only the text encoders. Not thread-safe: call ``activate`` from the
+    thread that then runs the model.
+    """
+
+    def __init__(self, model: DiffusionModel, library: LoraLibrary, *, max_loaded: int = 8,
+                 parts: Iterable[Part] = ("unet", "text_encoders")) -> None:
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.model, self.library, self.max_loaded = model, library, max_loaded
+        self.parts = frozenset(parts)
+        self._mixin = (StableDiffusionXLLoraLoaderMixin if model.family == "sdxl"
+                       else StableDiffusionLoraLoaderMixin)
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # LoRA name -> adapter name, LRU first
+        self._where: dict[str, list[torch.nn.Module]] = {}  # adapter name -> components holding it
+        self._serial = 0
+        self._active: LoraSet | None = ()  # None: the components' state is unknown (after a failure)
+        self.loads = 0  # LoRA files loaded so far, for metrics
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """Names of the LoRAs held, least recently used first."""
+        return tuple(self._adapters)
+
+    @property
+    def active(self) -> LoraSet:
+        return self._active or ()
+
+    def _components(self) -> list[torch.nn.Module]:
+        components: list[torch.nn.Module] = []
+        if "unet" in self.parts:
+            components.append(self.model.unet)
+        if "text_encoders" in self.parts:
+            components.extend(self.model.text_encoders)
+        return components
+
+    def activate(self, loras: Iterable[tuple[str, float]]) -> LoraSet:
+        """Make ``loras`` the active set (loading what is missing); returns it in canonical form.
+        Costs nothing when the set is the one already active."""
+        wanted = normalize_loras(loras)
+        if wanted == self._active:
+            return wanted
+        if len(wanted) > self.max_loaded:
+            raise InvalidRequestError("loras", f"at most {self.max_loaded} LoRAs at once")
+        names = {name for name, _ in wanted}
+        for name, _ in wanted:
+            if name in self._adapters:
+                self._adapters.move_to_end(name)
+                continue
+            while len(self._adapters) >= self.max_loaded:
+                victim = next(n for n in self._adapters if n not in names)
+                self._unload(self._adapters.pop(victim))
+            self._adapters[name] = self._load(name)
+        self._apply(wanted)
+        self._active = wanted
+        return wanted
+
+    def _apply(self, wanted: LoraSet) -> None:
+        for component in self._components():
+            held = [(self._adapters[n], w) for n, w in wanted if component in self._where[self._adapters[n]]]
+            if component is self.model.unet:
+                if held:
+                    component.enable_lora()
+                    component.set_adapters([a for a, _ in held], [w for _, w in held])
+                elif getattr(component, "peft_config", None):
+                    component.disable_lora()
+            elif held:
+                enable_lora_for_text_encoder(component)
+                set_adapters_for_text_encoder([a for a, _ in held], component, [w for _, w in held])
+            elif getattr(component, "peft_config", None):
+                disable_lora_for_text_encoder(component)
+            component.requires_grad_(False)  # peft marks active adapters trainable
+
+    def _load(self, name: str) -> str:
+        """Inject LoRA ``name`` into this manager's parts as a fresh adapter; returns its name."""
+        path = self.library.resolve(name)
+        state_dict, metadata = read_lora(path)
+        if not state_dict or not all(_LORA_KEY.search(key) for key in state_dict):
+            raise InvalidRequestError("loras", f"{name}: not a LoRA (LoHa, LoKr and other LyCORIS "
+                                      "kinds are not supported)")
+        try:
+            with _quiet():
+                state_dict, alphas = self._mixin.lora_state_dict(state_dict, unet_config=self.model.unet.config)
+        except ValueError as error:  # key names diffusers cannot place
+            raise InvalidRequestError("loras", f"{name}: LoRA layout not understood ({error})") from None
+        if all(k.startswith(_UNET_MODULES) for k in state_dict):  # a bare peft UNet adapter
+            state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
+        encoder_prefixes = ["text_encoder", "text_encoder_2"][:len(self.model.text_encoders)]
+        known = ("unet.", *(p + "." for p in encoder_prefixes))
+        if not any(k.startswith(known) for k in state_dict):
+            raise InvalidRequestError("loras", f"{name}: has no weights for this {self.model.family} "
+                                      "model's UNet or text encoders")
+        if metadata is not None and alphas:
+            metadata = None  # diffusers takes one or the other; kohya alphas are the weights' own
+        self._serial += 1
+        adapter = f"lora_{self._serial}"
+        self._where[adapter] = []
+        try:
+            with _quiet():
+                if "unet" in self.parts and any(k.startswith("unet.") for k in state_dict):
+                    self._mixin.load_lora_into_unet(state_dict, alphas, self.model.unet,
+                                                    adapter_name=adapter, metadata=metadata)
+                    self._where[adapter].append(self.model.unet)
+                if "text_encoders" in self.parts:
+                    for prefix, encoder in zip(encoder_prefixes, self.model.text_encoders):
+                        part = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+                        if not part:
+                            continue
+                        part = {f"{prefix}.{k}": v for k, v in _text_encoder_to_peft(
+                            {k[len(prefix) + 1:]: v for k, v in part.items()}).items()}
+                        self._mixin.load_lora_into_text_encoder(
+                            part, alphas, encoder, prefix=prefix, adapter_name=adapter, metadata=metadata)
+                        self._where[adapter].append(encoder)
+        except Exception as error:  # shapes that do not fit, modules the model lacks
+            self._unload(adapter)
+            raise InvalidRequestError("loras", f"{name}: does not fit model {self.model.name!r} "
+                                      f"({type(error).__name__}: {str(error)[:300]})") from None
+        self.loads += 1
+        return adapter
+
+    def _unload(self, adapter: str) -> None:
+        """Delete ``adapter`` wherever it was injected, even partly (a load that failed)."""
+        self._where.pop(adapter, None)
+        for component in [self.model.unet, *self.model.text_encoders]:
+            if adapter not in (getattr(component, "peft_config", None) or {}):
+                continue
+            with _quiet():
+                if component is self.model.unet:
+                    component.delete_adapters(adapter)
+                else:  # transformers' own delete_adapter wants peft >= 0.22, not yet released
+                    delete_adapter_layers(component, adapter)
+        self._active = None  # the next activate sets every component again
