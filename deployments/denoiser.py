@@ -9,13 +9,16 @@ and the engine drops the request before its next step.
 """
 from __future__ import annotations
 
+import asyncio
+from typing import AsyncIterator, Callable
+
 from ray import serve
 
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineRequest
 from pipeline.model import DiffusionModel
 
-from deployments.messages import Denoised, Encoded
+from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
 from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
                                  placement_report)
@@ -35,9 +38,29 @@ class Denoiser:
         activate_loras(self.store.adapters(model, "unet"), model, loras)
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
+        return await self._denoise(encoded, params)
+
+    async def denoise_stream(self, encoded: Encoded, params: DenoiseParams
+                             ) -> AsyncIterator[StepProgress | Denoised]:
+        """``denoise`` for a caller that shows progress (``handle.options(stream=True)``): yields
+        a ``StepProgress`` after every step, then the ``Denoised``. Closing the stream (the
+        caller went away) drops the request before its next step."""
+        steps: asyncio.Queue[StepProgress | None] = asyncio.Queue()
+        task = asyncio.ensure_future(self._denoise(
+            encoded, params, on_step=lambda done, total: steps.put_nowait(StepProgress(done, total))))
+        task.add_done_callback(lambda _: steps.put_nowait(None))
+        try:
+            while (progress := await steps.get()) is not None:
+                yield progress
+            yield task.result()
+        finally:
+            task.cancel()
+
+    async def _denoise(self, encoded: Encoded, params: DenoiseParams,
+                       on_step: Callable[[int, int], None] | None = None) -> Denoised:
         model = await self.get_model(encoded.model)
-        result = await self.engine.submit(model, EngineRequest(encoded.conditioning, params,
-                                                               adapters=encoded.loras))
+        result = await self.engine.submit(model, EngineRequest(
+            encoded.conditioning, params, adapters=encoded.loras, on_step=on_step))
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,

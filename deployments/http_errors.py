@@ -19,12 +19,15 @@ logger = logging.getLogger("ray.serve")
 OPENAI_PREFIX = "/v1/images/"
 
 
-def error_response(status: int, field: str | None, message: str, code: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_body(status: int, field: str | None, message: str, code: str) -> dict:
     text = f"{field}: {message}" if field else message
     kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": text, "type": kind, "param": field, "code": code}, "detail": text}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return {"error": {"message": text, "type": kind, "param": field, "code": code}, "detail": text}
+
+
+def error_response(status: int, field: str | None, message: str, code: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, field, message, code), status_code=status, headers=headers)
 
 
 def _default_status(request: Request) -> int:

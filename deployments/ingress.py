@@ -10,16 +10,18 @@ route methods' annotations in Ray's own module, where string annotations name no
 import asyncio
 import base64
 import dataclasses
+from functools import partial
+from typing import Callable
 import json
 import time
 from typing import Any
 
 from fastapi import Body, FastAPI
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pipeline.denoise import DenoiseParams
 from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError, RaydianceError
@@ -42,12 +44,13 @@ from deployments.api_models import (
     from_txt2img,
     resolve,
 )
-from deployments.http_errors import install_error_handlers
-from deployments.messages import Decoded, EncodeRequest
+from deployments.http_errors import error_body, install_error_handlers
+from deployments.messages import Decoded, EncodeRequest, StepProgress
 from deployments.metrics import install_http_metrics
 from deployments.settings import Limits, StageSettings
 
 STAGE_TIMINGS = ("encode", "denoise", "decode")
+OnStep = Callable[[int, int, int], None]  # (image index, steps done, steps in all)
 
 MAX_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
 
@@ -69,6 +72,10 @@ def _step_headers(images: list[Decoded]) -> dict[str, str]:
             "x-raydiance-steps-cached": str(sum(d.steps_cached for d in images))}
 
 
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
 def _root_cause(error: BaseException) -> BaseException:
     """The user exception inside Ray's wrappers (RayTaskError.cause, possibly nested)."""
     while getattr(error, "cause", None) is not None and error.cause is not error:
@@ -86,7 +93,7 @@ class Ingress:
         self.default_model = settings.stage.default_model
         self.catalog = settings.stage.catalog()
         self.loras = LoraLibrary(settings.stage.loras_dir) if settings.stage.loras_dir else None
-        self.active_images = 0
+        self.a1111_jobs: list[tuple[list[int], int]] = []  # txt2img in flight: steps done per image
         # A1111 keeps one selected checkpoint per server; so does each Ingress replica here.
         self.a1111_options: dict[str, Any] = {
             "sd_model_checkpoint": self.default_model, "sd_checkpoint_hash": None,
@@ -95,8 +102,13 @@ class Ingress:
 
     # --- the DAG ------------------------------------------------------------------------------
 
-    async def _run(self, job: Resolved) -> list[tuple[int, Decoded]]:
-        """Encode once, then denoise and decode each image; returns (seed, PNG) per image."""
+    async def _run(self, job: Resolved, on_step: OnStep | None = None) -> list[tuple[int, Decoded]]:
+        """Encode once, then denoise and decode each image; returns (seed, PNG) per image.
+
+        Without ``on_step`` the three calls are chained, so embeddings and latents go replica to
+        replica. With it, each image's denoising streams its steps here (``on_step(image, done,
+        total)``) and its latents come back through this replica on their way to the decoder.
+        """
         # Each stage keeps a few models per replica; multiplexing routes to one that holds ours.
         text_encoder, denoiser, vae_decoder = (
             handle.options(multiplexed_model_id=job.model)
@@ -105,24 +117,42 @@ class Ingress:
             EncodeRequest(job.model, job.prompt, job.negative_prompt, job.loras))
         seeds = [(job.seed + i) % (MAX_SEED + 1) for i in range(job.count)]
         responses = []
-        for seed in seeds:
+        for index, seed in enumerate(seeds):
             params = DenoiseParams(job.width, job.height, job.steps, job.guidance_scale, seed,
                                    job.sampler, job.cache)
-            latents = denoiser.denoise.remote(encoded, params)
-            responses.append(vae_decoder.decode.remote(latents, job.infotext(seed)))
-        self.active_images += job.count
+            if on_step is None:
+                latents = denoiser.denoise.remote(encoded, params)
+                responses.append(vae_decoder.decode.remote(latents, job.infotext(seed)))
+            else:
+                responses.append(self._reporting_image(denoiser, vae_decoder, encoded, params,
+                                                       job.infotext(seed), partial(on_step, index)))
         try:
             decoded = await asyncio.wait_for(asyncio.gather(*responses), self.settings.request_timeout_s)
         except BaseException as error:
             for response in [encoded, *responses]:
-                response.cancel()  # a caller gone or timed out: stop the stages' work too
+                if isinstance(response, DeploymentResponse):
+                    response.cancel()  # a caller gone or timed out: stop the stages' work too
             translated = self._translate(error)
             if translated is error:
                 raise
             raise translated from error
-        finally:
-            self.active_images -= job.count
         return list(zip(seeds, decoded))
+
+    @staticmethod
+    async def _reporting_image(denoiser: DeploymentHandle, vae_decoder: DeploymentHandle,
+                               encoded: DeploymentResponse, params: DenoiseParams,
+                               infotext: str, on_step: Callable[[int, int], None]) -> Decoded:
+        stream = denoiser.options(stream=True).denoise_stream.remote(encoded, params)
+        denoised = None
+        try:
+            async for item in stream:
+                if isinstance(item, StepProgress):
+                    on_step(item.step, item.steps)
+                else:
+                    denoised = item
+        finally:
+            stream.cancel()  # a no-op once it ended; stops the Denoiser if we were cancelled
+        return await vae_decoder.decode.remote(denoised, infotext)
 
     @staticmethod
     def _translate(error: BaseException) -> BaseException:
@@ -164,6 +194,40 @@ class Ingress:
         headers.update({f"x-raydiance-{k}-ms": f"{v:.1f}" for k, v in timings.items()})
         return Response(decoded.png, media_type="image/png", headers=headers)
 
+    @api.post("/v1/generate/stream", responses={200: {"content": {"text/event-stream": {}}}})
+    async def generate_stream(self, body: GenerateRequest) -> StreamingResponse:
+        """``/v1/generate`` as server-sent events: ``step`` after every denoising step
+        (``{"step", "steps"}``), then ``image`` (``{"seed", "png_base64", "steps_computed",
+        "steps_cached", "timings"}``), or ``error`` (the JSON error body) if it fails once
+        streaming has begun. A bad request is refused before streaming, as ``/v1/generate``."""
+        job = self._resolve(from_native(body))
+        return StreamingResponse(self._events(job), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-raydiance-seed": str(job.seed)})
+
+    async def _events(self, job: Resolved):
+        events: asyncio.Queue[tuple[str, dict] | None] = asyncio.Queue()
+        run = asyncio.ensure_future(self._run(job, on_step=lambda image, step, steps: events.put_nowait(
+            ("step", {"step": step, "steps": steps}))))
+        run.add_done_callback(lambda _: events.put_nowait(None))
+        try:
+            while (event := await events.get()) is not None:
+                yield _sse(*event)
+            try:
+                images = run.result()
+            except ApiError as error:
+                yield _sse("error", error_body(error.status or 422, error.field, error.message, error.code))
+                return
+            except Exception as error:  # noqa: BLE001 - the stream has begun: report, don't raise
+                yield _sse("error", error_body(500, None, f"internal error: {type(error).__name__}",
+                                               "internal_error"))
+                return
+            for seed, decoded in images:
+                yield _sse("image", {"seed": seed, "png_base64": base64.b64encode(decoded.png).decode(),
+                                     "steps_computed": decoded.steps_computed,
+                                     "steps_cached": decoded.steps_cached, "timings": decoded.timings})
+        finally:
+            run.cancel()  # the client went away: the Denoiser drops the request at its next step
+
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
@@ -193,7 +257,12 @@ class Ingress:
     @api.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
     async def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
         job = self._resolve(from_txt2img(body, self.a1111_options["sd_model_checkpoint"]))
-        images = await self._run(job)
+        done = [0] * job.count  # steps done per image, for GET /sdapi/v1/progress
+        self.a1111_jobs.append((done, job.steps))
+        try:
+            images = await self._run(job, on_step=lambda image, step, _: done.__setitem__(image, step))
+        finally:
+            self.a1111_jobs.remove((done, job.steps))
         seeds = [seed for seed, _ in images]
         info = {
             "prompt": job.prompt, "all_prompts": [job.prompt] * job.count,
@@ -269,7 +338,12 @@ class Ingress:
 
     @api.get("/sdapi/v1/progress")
     async def progress(self) -> dict[str, Any]:
-        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+        """Step progress of the txt2img requests in flight on this Ingress replica."""
+        total = sum(steps * len(done) for done, steps in self.a1111_jobs)
+        finished = sum(sum(done) for done, _ in self.a1111_jobs)
+        latest_done, latest_steps = self.a1111_jobs[-1] if self.a1111_jobs else ([0], 0)
+        return {"progress": finished / total if total else 0.0, "eta_relative": 0.0,
+                "current_image": None, "textinfo": None,
                 "state": {"skipped": False, "interrupted": False, "job": "",
-                          "job_count": self.active_images, "job_timestamp": "0", "job_no": 0,
-                          "sampling_step": 0, "sampling_steps": 0}}
+                          "job_count": len(self.a1111_jobs), "job_timestamp": "0", "job_no": 0,
+                          "sampling_step": max(latest_done), "sampling_steps": latest_steps}}

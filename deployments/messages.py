@@ -30,6 +30,14 @@ class Encoded:
     loras: tuple[tuple[str, float], ...] = ()  # the Denoiser applies their UNet parts
 
 
+@dataclass(frozen=True)
+class StepProgress:
+    """One denoising step done: what ``Denoiser.denoise_stream`` yields before the latents."""
+
+    step: int  # steps done so far
+    steps: int  # steps in all
+
+
 @dataclass
 class Denoised:
     model: str
