@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -11,6 +12,9 @@ from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
 from pipeline.engine.runner import ActivateAdapters, StepReport, run_step
 from pipeline.engine.scheduler import pick_step_group
 from pipeline.model import DiffusionModel
+
+
+logger = logging.getLogger(__name__)
 
 
 class EngineObserver(Protocol):
@@ -82,35 +86,47 @@ class DenoiseEngine:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            self._drop_cancelled()
-            group = pick_step_group(self.active, self.max_batch_rows)
-            if not group:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            now = time.perf_counter()
-            for request in group:
-                request.started = request.started or now
-            model = group[0].model
             try:
-                step = await loop.run_in_executor(self._executor, run_step, model, group,
-                                                  self.activate_adapters)
-            except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
-                for request in group:
+                await self._iterate()
+            except Exception as error:  # noqa: BLE001 - a bug here must not hang every caller
+                logger.exception("engine step failed; failing the %d requests in flight", len(self.active))
+                for request in list(self.active):
                     self._finish(request, error=error)
-                continue
-            elapsed = time.perf_counter() - now
-            self.forwards += 1
-            self.observer.on_forward(model.name, step, elapsed)
-            stepped = time.perf_counter()
+
+    async def _iterate(self) -> None:
+        """One engine step: drop the abandoned, pick a group, run it, hand results back."""
+        loop = asyncio.get_running_loop()
+        self._drop_cancelled()
+        group = pick_step_group(self.active, self.max_batch_rows)
+        if not group:
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        now = time.perf_counter()
+        for request in group:
+            request.started = request.started or now
+        model = group[0].model
+        try:
+            step = await loop.run_in_executor(self._executor, run_step, model, group,
+                                              self.activate_adapters)
+        except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
             for request in group:
-                request.last_stepped = stepped
-                if request.request.on_step:
+                self._finish(request, error=error)
+            return
+        elapsed = time.perf_counter() - now
+        self.forwards += 1
+        self.observer.on_forward(model.name, step, elapsed)
+        stepped = time.perf_counter()
+        for request in group:
+            request.last_stepped = stepped
+            if request.request.on_step:
+                try:
                     request.request.on_step(request.job.step_index, len(request.job.timesteps))
-                if request.job.done:
-                    self._finish(request)
+                except Exception:  # noqa: BLE001 - a progress listener must not stop the denoising
+                    logger.exception("on_step callback failed")
+            if request.job.done:
+                self._finish(request)
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.active if r.cancelled or r.future.done()]:

@@ -36,9 +36,10 @@ class EngineResult:
     denoise_s: float  # from the first step to the last
 
 
-@dataclass
+@dataclass(eq=False)
 class ActiveRequest:
-    """The engine's record of a request in flight."""
+    """The engine's record of a request in flight. Compared by identity: field equality would
+    compare tensors (and raise) whenever the engine looks a request up in its list."""
 
     request: EngineRequest
     model: DiffusionModel  # held, not looked up per step: a model evicted meanwhile stays usable

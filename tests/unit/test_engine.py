@@ -137,3 +137,21 @@ def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_res
     for request, result, solo in zip(requests, together, solos):
         assert torch.equal(result.latents, solo.latents), request.adapters
     assert not torch.allclose(together[0].latents, together[2].latents, atol=1e-3)  # LoRA did something
+
+
+def test_requests_finishing_out_of_submission_order_all_complete(builtin_model):
+    """The request that finishes first is not the first in the engine's list (a regression: the
+    lookup once compared requests field by field, tensors included, and killed the loop)."""
+    conditionings = encode_prompts(builtin_model, PROMPTS[:4], [None] * 4)
+    requests = [EngineRequest(c, DenoiseParams(64, 64, steps=12 - 3 * i, seed=i))
+                for i, c in enumerate(conditionings)]
+
+    async def run():
+        engine = DenoiseEngine(max_batch_rows=8)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(engine.submit(builtin_model, r) for r in requests)), 60)
+        await engine.close()
+        return results
+
+    results = asyncio.run(run())
+    assert [r.steps_computed for r in results] == [12, 9, 6, 3]
