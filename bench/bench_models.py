@@ -70,7 +70,7 @@ def switch_latencies(url: str, steps: int, repeats: int) -> dict[str, float]:
         def ask(i: int, **extra) -> float:
             return timed(client, url, body(i, steps, {**NO_CACHE, **extra}))
 
-        ask(0, model="tiny-0")
+        ask(0, model="tiny-1")  # round r uses tiny-(r % 2): each round starts with a switch
         for r in tqdm(range(repeats), desc="switches"):
             model = f"tiny-{r % 2}"
             times["first after a model switch"].append(ask(r, model=model))
@@ -80,7 +80,6 @@ def switch_latencies(url: str, steps: int, repeats: int) -> dict[str, float]:
             times["warm (same LoRA)"].append(ask(r, model=model, loras=[{"name": fresh}]))
             ask(r, model=model, loras=[{"name": other}])  # loads the second one
             times["switch between loaded LoRAs"].append(ask(r, model=model, loras=[{"name": fresh}]))
-            ask(r + 1, model=f"tiny-{(r + 1) % 2}")  # leave the next round a model to switch from
     return {name: statistics.median(values) for name, values in times.items()}
 
 
