@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from ray import serve  # noqa: E402
 
-from bench.bench_dag import NO_CACHE, RAY_CPUS, app, throughput  # noqa: E402
+from bench.bench_dag import NO_CACHE, RAY_CPUS, app, start_ray, throughput  # noqa: E402
 from bench.report import markdown_table, record, save_figure  # noqa: E402
 from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 APPS = {"engine batching": "batched", "max_batch_rows 1": "unbatched", "whole pipeline": "whole"}
 
 
@@ -55,8 +53,7 @@ def main() -> None:
 
     from deployments.local import deploy_config, free_port, wait_http
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=len(APPS) * RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    start_ray(len(APPS) * RAY_CPUS)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     urls = {label: f"{base}/{route}/v1/generate" for label, route in APPS.items()}

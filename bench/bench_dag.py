@@ -139,6 +139,15 @@ def latency(urls: dict[str, str], images: int, steps: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def start_ray(num_cpus: int) -> None:
+    """A local Ray for a benchmark's apps; replicas import bench/ and deployments/ whether or
+    not the project is pip-installed."""
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
 def app(name: str, import_path: str, args: dict, deployments: list[dict]) -> dict:
     return {"name": name, "route_prefix": f"/{name}", "import_path": import_path, "args": args,
             "deployments": deployments}
@@ -157,11 +166,9 @@ def main() -> None:
 
     from deployments.local import deploy_config, free_port, wait_http
 
-    # Replicas import bench/ and deployments/ whether or not the project is pip-installed.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     # Both apps stay deployed, each with RAY_CPUS of Ray resources, and take turns, so that
     # whatever else the machine does hits both alike; the idle one costs next to nothing.
-    ray.init(num_cpus=2 * RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    start_ray(2 * RAY_CPUS)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     urls = {"DAG": f"{base}/dag/v1/generate", "whole pipeline": f"{base}/whole/v1/generate"}

@@ -31,11 +31,10 @@ import httpx  # noqa: E402
 from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.bench_dag import NO_CACHE, app, body, throughput  # noqa: E402
+from bench.bench_dag import NO_CACHE, app, body, start_ray  # noqa: E402
 from bench.report import markdown_table, record, save_figure  # noqa: E402
 from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SPREADS = (0, 1, 2, 4)  # LoRAs the requests are spread over (0: none)
 
 
@@ -95,10 +94,9 @@ def main() -> None:
 
     from deployments.local import deploy_config, free_port, wait_http
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints, loras = make_library(Path(tmp), models=2, loras=2 * args.repeats + 2)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_ray(2)
         port = free_port()
         try:
             deploy_config({

@@ -16,6 +16,7 @@ from ray import serve
 
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineRequest
+from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
 
 from deployments.messages import Denoised, Encoded, StepProgress
@@ -34,7 +35,7 @@ class Denoiser:
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
                                     activate_adapters=self._activate_loras)
 
-    def _activate_loras(self, model: DiffusionModel, loras: tuple[tuple[str, float], ...]) -> None:
+    def _activate_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
         activate_loras(self.store.adapters(model, "unet"), model, loras)
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.conditioning import Conditioning
+from pipeline.lora import LoraSet
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class EncodeRequest:
     model: str
     prompt: str
     negative_prompt: str | None = None
-    loras: tuple[tuple[str, float], ...] = ()  # normalized LoRA set (text-encoder parts apply)
+    loras: LoraSet = ()  # normalized LoRA set (text-encoder parts apply)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Encoded:
     model: str
     conditioning: Conditioning
     timings: dict[str, float] = field(default_factory=dict)
-    loras: tuple[tuple[str, float], ...] = ()  # the Denoiser applies their UNet parts
+    loras: LoraSet = ()  # the Denoiser applies their UNet parts
 
 
 @dataclass(frozen=True)

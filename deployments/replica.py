@@ -12,7 +12,7 @@ import torch
 from pipeline.device import default_dtype, select_device
 from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
-from pipeline.lora import AdapterManager
+from pipeline.lora import AdapterManager, LoraSet
 from pipeline.model import DiffusionModel, load_model
 
 from deployments.metrics import LoadTimer
@@ -89,7 +89,7 @@ class ModelStore:
 
 
 def activate_loras(manager: AdapterManager | None, model: DiffusionModel,
-                   loras: tuple[tuple[str, float], ...]) -> None:
+                   loras: LoraSet) -> None:
     """Put ``loras`` on the model (on the torch thread), timing the loads of new ones."""
     if manager is None:
         if loras:

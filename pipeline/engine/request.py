@@ -11,6 +11,7 @@ import torch
 
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseJob, DenoiseParams
+from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
 
 _ids = itertools.count()
@@ -22,7 +23,7 @@ class EngineRequest:
 
     conditioning: Conditioning
     params: DenoiseParams
-    adapters: tuple[tuple[str, float], ...] = ()
+    adapters: LoraSet = ()
     on_step: Callable[[int, int], None] | None = None  # (steps done, steps total), for progress
 
 

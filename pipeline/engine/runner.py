@@ -8,10 +8,11 @@ from typing import Callable
 from pipeline.engine.request import ActiveRequest
 from pipeline.first_block_cache import forward_unet_cached
 from pipeline.model import DiffusionModel
+from pipeline.lora import LoraSet
 
 # Puts a LoRA set on the model before a forward (e.g. ``AdapterManager.activate``); runs on the
 # UNet thread, since switching adapters must not race a forward.
-ActivateAdapters = Callable[[DiffusionModel, tuple[tuple[str, float], ...]], object]
+ActivateAdapters = Callable[[DiffusionModel, LoraSet], object]
 
 
 @dataclass(frozen=True)
