@@ -4,16 +4,17 @@
 
 Images per second at each concurrency, on the built-in model (64x64, Euler, guidance 5), for:
 
-1. the DAG with the Denoiser engine batching steps across requests (``max_batch_rows: 32``);
-2. the same DAG with ``max_batch_rows: 1``: one request per UNet forward (no batching across
-   requests; a request's own cond/uncond rows still share a forward);
-3. the one-deployment app of the DAG benchmark: diffusers' StableDiffusionPipeline whole in each
+1. the DAG with the Denoiser engine batching steps across requests (``max_batch_rows: 32``),
+   First Block Cache off (``cache: {threshold: 0}``): batching alone;
+2. the same DAG and requests with the cache at its default: Raydiance as it ships;
+3. the DAG with ``max_batch_rows: 1``: one request per UNet forward (no batching across
+   requests; a request's own cond/uncond rows still share a forward), cache off;
+4. the one-deployment app of the DAG benchmark: diffusers' StableDiffusionPipeline whole in each
    replica, one image at a time per replica (Ray Serve's Stable Diffusion example's shape).
 
-First Block Cache is off in all three (``cache: {threshold: 0}``; the baseline has none), so the
-numbers isolate batching. Each app has 2 CPUs of Ray resources on the same 2 cores and they take
-turns, request wave by request wave; one torch thread per process. Prints a table, writes
-bench/out/batching.png and the "batching" section of bench/RESULTS.md.
+Each app has 2 CPUs of Ray resources on the same 2 cores and they take turns, request wave by
+request wave; one torch thread per process. Prints a table, writes bench/out/batching.png and
+the "batching" section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from ray import serve  # noqa: E402
 
 from bench.bench_dag import NO_CACHE, RAY_CPUS, app, start_ray, throughput  # noqa: E402
 from bench.report import markdown_table, record, save_figure  # noqa: E402
+from pipeline.cache_config import default_cache_config  # noqa: E402
 from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
 
-APPS = {"engine batching": "batched", "max_batch_rows 1": "unbatched", "whole pipeline": "whole"}
+# series: (app route, extra request fields); the whole-pipeline app ignores the cache field
+SERIES = {"engine batching": ("batched", NO_CACHE), "engine batching, cache on": ("batched", {}),
+          "max_batch_rows 1": ("unbatched", NO_CACHE), "whole pipeline": ("whole", NO_CACHE)}
 
 
 def dag_app(name: str, max_batch_rows: int) -> dict:
@@ -53,11 +57,10 @@ def main() -> None:
 
     from deployments.local import deploy_config, free_port, wait_http
 
-    start_ray(len(APPS) * RAY_CPUS)
+    start_ray(3 * RAY_CPUS)  # three apps
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    urls = {label: f"{base}/{route}/v1/generate" for label, route in APPS.items()}
-    results: dict[str, dict[int, list[float]]] = {label: {c: [] for c in levels} for label in APPS}
+    results: dict[str, dict[int, list[float]]] = {label: {c: [] for c in levels} for label in SERIES}
     try:
         deploy_config({
             "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
@@ -69,22 +72,25 @@ def main() -> None:
             wait_http(f"{base}/{route}/healthz")
         for _ in range(args.rounds):
             for c in levels:
-                for label, url in urls.items():
-                    results[label][c].append(throughput(url, c, max(8, 3 * c), args.steps, label,
-                                                        extra=NO_CACHE))
+                for label, (route, extra) in SERIES.items():
+                    results[label][c].append(throughput(f"{base}/{route}/v1/generate", c, max(8, 3 * c),
+                                                        args.steps, label, extra=extra))
     finally:
         serve.shutdown()
         ray.shutdown()
 
     rates = {label: {c: statistics.mean(v) for c, v in by_level.items()} for label, by_level in results.items()}
     table = markdown_table(
-        ["concurrency", *(f"{label} images/s" for label in APPS), "batching / whole", "batching / rows 1"],
-        [(c, *(rates[label][c] for label in APPS),
+        ["concurrency", *(f"{label} images/s" for label in SERIES), "batching / whole",
+         "batching, cache on / whole", "batching / rows 1"],
+        [(c, *(rates[label][c] for label in SERIES),
           rates["engine batching"][c] / rates["whole pipeline"][c],
+          rates["engine batching, cache on"][c] / rates["whole pipeline"][c],
           rates["engine batching"][c] / rates["max_batch_rows 1"][c]) for c in levels])
     command = f"python -m bench.bench_batching --steps {args.steps} --concurrency {args.concurrency} --rounds {args.rounds}"
     record("batching: step-level batching through HTTP", command, table,
-           f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5, First Block Cache off. "
+           f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5; First Block Cache off except "
+           f"in 'cache on' (the family default: {default_cache_config('sd15')}). "
            f"Each app has {RAY_CPUS} CPUs of Ray resources on the same 2 cores, used in turn: the "
            "DAGs as Ingress, TextEncoder, VAEDecoder at 0.1 CPU and 2 Denoisers at 0.8; the whole "
            "pipeline as 2 replicas of 1 CPU. Target: engine batching >= 2x the whole-pipeline app "
@@ -99,7 +105,7 @@ def plot(levels: list[int], rates: dict, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, colour in zip(APPS, ("tab:blue", "tab:orange", "tab:gray")):
+    for label, colour in zip(SERIES, ("tab:blue", "tab:green", "tab:orange", "tab:gray")):
         ax.plot(levels, [rates[label][c] for c in levels], marker="o", label=label, color=colour)
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels, [str(c) for c in levels])

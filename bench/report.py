@@ -26,10 +26,13 @@ def machine() -> str:
     try:
         import torch
 
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        if torch.cuda.is_available():
+            device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+        else:
+            device = "no GPU, torch threads 1 per process"
     except Exception:  # noqa: BLE001 - a description, never a failure
         device = "unknown"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {device}, torch threads 1 per process"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {device}"
 
 
 def record(name: str, command: str, table: str, notes: str = "") -> None:

@@ -28,12 +28,13 @@ from deployments.settings import DenoiserKnobs, StageSettings
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=32)
 class Denoiser:
-    def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
+    async def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
         pin_torch_threads()
         self.store = ModelStore(settings, TorchWorker())
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
                                     activate_adapters=self._activate_loras)
+        await self.store.start()
 
     def _activate_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
         activate_loras(self.store.adapters(model, "unet"), model, loras)
@@ -67,9 +68,12 @@ class Denoiser:
         return Denoised(encoded.model, result.latents, timings,
                         steps_computed=result.steps_computed, steps_cached=result.steps_cached)
 
-    def stats(self) -> dict[str, int]:
-        """The engine's counters, for tests and operators: forwards run, requests in flight."""
-        return {"forwards": self.engine.forwards, "active": len(self.engine.active),
+    def stats(self) -> dict[str, str | int | float]:
+        """This replica's engine counters, for tests and operators: forwards and rows run,
+        seconds spent in forwards, requests in flight and cancelled."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "forwards": self.engine.forwards, "rows": self.engine.rows,
+                "busy_s": self.engine.busy_s, "active": len(self.engine.active),
                 "cancelled": self.engine.cancelled}
 
     def placement(self) -> dict:

@@ -67,7 +67,7 @@ class EmbeddingCache:
 
 @serve.deployment(name="TextEncoder", max_ongoing_requests=32)
 class TextEncoder:
-    def __init__(self, settings: StageSettings, knobs: BatchKnobs,
+    async def __init__(self, settings: StageSettings, knobs: BatchKnobs,
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         pin_torch_threads()
         self.worker = TorchWorker()
@@ -77,6 +77,7 @@ class TextEncoder:
         self._encode_batch.set_max_batch_size(knobs.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
         self._cache_size_changed()
+        await self.store.start()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's ``user_config`` (``deployments: - name: TextEncoder user_config:

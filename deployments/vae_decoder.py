@@ -26,13 +26,14 @@ DecodeItem = tuple[Denoised, "str | None", DiffusionModel]  # latents, PNG text,
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
 class VAEDecoder:
-    def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
+    async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
         pin_torch_threads()
         self.worker = TorchWorker()
         self.store = ModelStore(settings, self.worker)
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self._decode_batch.set_max_batch_size(knobs.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+        await self.store.start()
 
     async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
         start = time.perf_counter()

@@ -60,6 +60,8 @@ class DenoiseEngine:
         self.activate_adapters = activate_adapters
         self.active: list[ActiveRequest] = []
         self.forwards = 0
+        self.rows = 0  # UNet rows run, over all forwards (rows / forwards: the mean batch)
+        self.busy_s = 0.0  # seconds spent in forwards (busy_s / uptime: the UNet's utilisation)
         self.cancelled = 0  # requests dropped because their caller went away
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
@@ -116,6 +118,8 @@ class DenoiseEngine:
             return
         elapsed = time.perf_counter() - now
         self.forwards += 1
+        self.rows += step.rows
+        self.busy_s += elapsed
         self.observer.on_forward(model.name, step, elapsed)
         stepped = time.perf_counter()
         for request in group:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import openai
 import pytest
 
+from tests.clients import leave_mid_denoise
 from tests.integration.conftest import APP_NAME, png_pixels
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",
@@ -61,21 +60,10 @@ def test_a_request_gets_the_same_image_and_decisions_alone_or_amid_seven_others(
 
 def test_a_request_whose_client_went_away_stops_using_the_unet(service):
     start = denoiser_stats()
-    steps = 50  # at 256 x 256 several seconds of UNet work, far more than the client waits
+    steps = 50  # at 256 x 256 several seconds of UNet work
     body = {"prompt": PROMPTS[0], "seed": 1, "steps": steps, "width": 256, "height": 256,
             "cache": {"threshold": 0}}
-    outcome: list[BaseException] = []
-
-    def impatient_client() -> None:
-        try:
-            httpx.post(f"{service.url}/v1/generate", json=body, timeout=3.0)
-        except httpx.TimeoutException as error:
-            outcome.append(error)  # the client gives up and closes the connection
-
-    caller = threading.Thread(target=impatient_client)
-    caller.start()
-    caller.join(timeout=60)
-    assert outcome, "the request finished before the client gave up; make it longer"
+    leave_mid_denoise(f"{service.url}/v1/generate", body, lambda: denoiser_stats()["active"])
     deadline = time.monotonic() + 30
     while (stats := denoiser_stats())["active"] and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -5,10 +5,8 @@ redeploys, so absolute values say nothing.
 """
 from __future__ import annotations
 
-import httpx
-import pytest
-
-from tests.observability.conftest import GENERATE, PROMPT_A
+from tests.clients import leave_mid_denoise
+from tests.observability.conftest import APP_NAME, GENERATE, PROMPT_A
 from tests.observability.prom import Scrape, documented_metrics, poll, specs_by_scraped_name
 
 SERVE_TAGS = {"application", "deployment", "replica"}
@@ -103,9 +101,12 @@ def test_model_loads_counted_at_replica_start(app):
 def test_a_client_that_leaves_is_counted_499_and_its_denoise_cancelled(app):
     """The client gives up mid-generation: the Ingress records 499, and (with the engine wired)
     the Denoiser drops the request: one more cancelled, no more finished."""
+    from ray import serve
+
+    denoiser = serve.get_deployment_handle("Denoiser", APP_NAME)
     before = app.scrape()
-    with pytest.raises(httpx.TimeoutException):
-        app.client.post(GENERATE, json={"prompt": PROMPT_A, "seed": 9, "steps": 100}, timeout=1.0)
+    leave_mid_denoise(f"{app.url}{GENERATE}", {"prompt": PROMPT_A, "seed": 9, "steps": 100},
+                      lambda: denoiser.stats.remote().result(timeout_s=30)["active"])
 
     def rise(now: Scrape, name: str, **labels: str) -> float:
         return now.total(name, **labels) - before.total(name, **labels)

@@ -1,0 +1,180 @@
+"""The Denoiser engine in-process, on any device: N requests denoised together vs one at a time.
+
+    python -m bench.bench_engine [--arch builtin|sd15|sdxl] [--size PX] [--steps 25] [--requests 1,2,4,8,16] [--cache]
+
+What one Denoiser replica does, without Ray or HTTP. For each N, N requests with different
+seeds are denoised (1) one after another, each alone in its forwards (what ``max_batch_rows`` of
+one request gives), then (2) submitted together to one ``DenoiseEngine``, which runs their steps
+in shared UNet forwards. Prints images/s of both, their ratio, the mean rows per forward, and the
+largest difference between a request's final latents alone and amid the others (batch
+invariance on this device and dtype).
+
+``builtin``: the tiny-shapes model with real prompts. ``sd15`` / ``sdxl``: the full-size UNet of
+SD1.5 / SDXL base from the bundled configs with random weights and random conditioning of the
+real shapes (nothing is downloaded; only speed is measured). First Block Cache is off unless
+``--cache`` turns on the family default (meaningful for the trained built-in model only: random
+weights make the skip pattern arbitrary; ``bench_cache`` measures the cache). fp16 on CUDA, fp32
+on CPU. Writes bench/out/engine-ARCH-DEVICE.png and its "engine: ..." section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+from tqdm import tqdm
+
+from bench.report import markdown_table, record, save_figure
+from pipeline.cache_config import default_cache_config
+from pipeline.conditioning import Conditioning
+from pipeline.denoise import DenoiseParams
+from pipeline.device import default_dtype, select_device
+from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
+from pipeline.model import DiffusionModel
+
+NATIVE_SIZE = {"builtin": 64, "sd15": 512, "sdxl": 1024}
+GUIDANCE = 5.0
+
+
+def random_full_size(family: str, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    """SD1.5 or SDXL base's UNet and VAE at full size, random weights, built on ``device``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from pipeline.configs import bundled_config
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(bundled_config(family, "unet")).to(dtype).eval()
+        vae = AutoencoderKL.from_config(bundled_config(family, "vae")).to(dtype).eval()
+    return DiffusionModel(f"random-{family}", family, [], [], unet, vae,
+                          bundled_config(family, "scheduler"))
+
+
+def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]:
+    config = model.unet.config
+    tokens = (77, config.cross_attention_dim)
+    pooled = None
+    if model.family == "sdxl":  # the pooled text embedding: what the added embedding takes beside time ids
+        pooled = (config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,)
+    generator = torch.Generator().manual_seed(1)
+
+    def draw(shape: tuple[int, ...] | None) -> torch.Tensor | None:
+        return None if shape is None else torch.randn(shape, generator=generator)
+
+    return [Conditioning(draw(tokens), draw(tokens), draw(pooled), draw(pooled)) for _ in range(count)]
+
+
+def builtin(device: torch.device, dtype: torch.dtype, count: int) -> tuple[DiffusionModel, list[Conditioning]]:
+    from pipeline.conditioning import encode_prompts
+    from pipeline.model import load_model
+    from pipeline.tiny_shapes import MODEL_DIR
+    from pipeline.tiny_shapes.world import TRAIN_SCENES
+
+    model = load_model(MODEL_DIR, device=device, dtype=dtype)
+    prompts = [TRAIN_SCENES[i % len(TRAIN_SCENES)].prompt for i in range(count)]
+    with torch.inference_mode():
+        return model, encode_prompts(model, prompts, [None] * count)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def timed(engine: DenoiseEngine, model: DiffusionModel, requests: list[EngineRequest],
+                together: bool) -> tuple[float, list[EngineResult]]:
+    synchronize(model.device)
+    start = time.perf_counter()
+    if together:
+        results = await asyncio.gather(*(engine.submit(model, r) for r in requests))
+    else:
+        results = [await engine.submit(model, r) for r in requests]
+    synchronize(model.device)
+    return time.perf_counter() - start, results
+
+
+async def measure(model: DiffusionModel, conditioning: list[Conditioning], size: int, steps: int,
+                  levels: list[int], cache: bool) -> list[tuple]:
+    engine = DenoiseEngine(max_batch_rows=2 * max(levels))
+    config = default_cache_config(model.family) if cache else None
+    requests = [EngineRequest(c, DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=i,
+                                               cache=config))
+                for i, c in enumerate(conditioning)]
+    await timed(engine, model, requests[:2], together=True)  # warm: kernels, allocator
+    rows = []
+    for n in tqdm(levels, desc=f"{model.name} {size}px"):
+        alone_s, alone = await timed(engine, model, requests[:n], together=False)
+        forwards, rows_run = engine.forwards, engine.rows
+        together_s, together = await timed(engine, model, requests[:n], together=True)
+        mean_rows = (engine.rows - rows_run) / (engine.forwards - forwards)
+        diff = max((a.latents.float() - b.latents.float()).abs().max().item() for a, b in zip(alone, together))
+        same = all(a.cache_decisions == b.cache_decisions for a, b in zip(alone, together))
+        cached = sum(r.steps_cached for r in together) / n
+        rows.append((n, n / alone_s, n / together_s, alone_s / together_s, mean_rows, diff, cached,
+                     "yes" if same else "NO"))
+    await engine.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(NATIVE_SIZE), default="builtin")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the architecture's native)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--requests", default="1,2,4,8,16", help="concurrent request counts")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--cache", action="store_true", help="First Block Cache at the family default")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.requests.split(",")]
+    size = args.size or NATIVE_SIZE[args.arch]
+
+    device = select_device(args.device)
+    dtype = default_dtype(device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.arch == "builtin":
+        model, conditioning = builtin(device, dtype, max(levels))
+    else:
+        model = random_full_size(args.arch, device, dtype)
+        conditioning = random_conditioning(model, max(levels))
+    rows = asyncio.run(measure(model, conditioning, size, args.steps, levels, args.cache))
+
+    table = markdown_table(["requests", "one at a time images/s", "engine images/s", "engine / one at a time",
+                            "rows per forward", "max latent diff", "steps cached (mean)",
+                            "same cache decisions"], rows)
+    command = (f"python -m bench.bench_engine --arch {args.arch} --size {size} --steps {args.steps} "
+               f"--requests {args.requests} --device {args.device}" + (" --cache" if args.cache else ""))
+    weights = "trained weights" if args.arch == "builtin" else "random weights, random conditioning"
+    cache = "First Block Cache at the family default" if args.cache else "First Block Cache off"
+    record(f"engine: {args.arch} on {device.type}" + (", cache on" if args.cache else ""), command, table,
+           f"{model.name} ({weights}), {size}x{size}, {args.steps} Euler steps, guidance {GUIDANCE}, "
+           f"{str(dtype).removeprefix('torch.')} on {device.type}, {cache}, in-process "
+           "(no Ray, no HTTP). One at a time: each request alone in its forwards (2 rows). Engine: "
+           "all submitted together to one DenoiseEngine. Max latent diff: the largest |latent alone - "
+           "latent in the batch| over the requests.")
+    plot(args.arch, size, rows, model.device)
+
+
+def plot(arch: str, size: int, rows: list[tuple], device: torch.device) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(levels, [r[1] for r in rows], marker="o", color="tab:gray", label="one at a time")
+    ax.plot(levels, [r[2] for r in rows], marker="o", color="tab:blue", label="engine, together")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(n) for n in levels])
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("images per second")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread"
+    ax.set_title(f"{arch} {size}px on {name}")
+    ax.legend()
+    save_figure(fig, f"engine-{arch}-{device.type}")
+
+
+if __name__ == "__main__":
+    main()
