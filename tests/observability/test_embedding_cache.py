@@ -1,18 +1,15 @@
-"""The TextEncoder's embedding cache, in process: bounded LRU, and a hit is the very conditioning
-the first encoding produced (so the image cannot differ)."""
+"""The TextEncoder's embedding cache: a bounded LRU (in process), and in the live replica a hit
+gives exactly the conditioning a fresh encoding does (so the image cannot differ)."""
 from __future__ import annotations
-
-import asyncio
 
 import pytest
 import torch
 
 from deployments.messages import EncodeRequest
-from deployments.settings import BatchKnobs, StageSettings
-from deployments.text_encoder import DEFAULT_CACHE_SIZE, EmbeddingCache, TextEncoder
+from deployments.text_encoder import DEFAULT_CACHE_SIZE, EmbeddingCache
 from pipeline.conditioning import encode_prompts
 
-from tests.conftest import BUILTIN_MODEL
+from tests.observability.conftest import APP_NAME
 
 
 def key(prompt: str, negative: str | None = None, model: str = "m") -> EncodeRequest:
@@ -53,43 +50,38 @@ def test_resize_and_off():
     assert EmbeddingCache().capacity == DEFAULT_CACHE_SIZE
 
 
-@pytest.fixture(scope="module")
-def encoder():
-    """The deployment's class with Serve's model multiplexing and @serve.batch bypassed (both
-    need a replica context): one request per forward, the model the store loaded at start."""
-    settings = StageSettings(model_paths={"tiny-shapes": str(BUILTIN_MODEL)},
-                             default_model="tiny-shapes", accelerator="cpu")
-    instance = TextEncoder.func_or_class(settings, BatchKnobs(), cache_size=2)
-    model = instance.store.load("tiny-shapes")
+def text_encoder():
+    from ray import serve
 
-    async def get_model(name):
-        return model
-
-    async def one(item):
-        return (await instance.worker.run(instance._encode_sync, [item]))[0]
-
-    instance.get_model, instance._encode_batch = get_model, one
-    return instance
+    return serve.get_deployment_handle("TextEncoder", APP_NAME)
 
 
-def test_a_hit_returns_the_identical_conditioning(encoder, builtin_model):
-    request = EncodeRequest("tiny-shapes", "a red circle on a blue background", "green")
-
-    async def twice():
-        return await encoder.encode(request), await encoder.encode(request)
-
-    first, second = asyncio.run(twice())
-    assert second.conditioning is first.conditioning
+def test_a_hit_returns_the_identical_conditioning(app, builtin_model):
+    """Through the live TextEncoder replica: the second call is a hit (one entry more, not two)
+    and both answers are exactly what a fresh encoding gives."""
+    encoder = text_encoder()
+    request = EncodeRequest("tiny-shapes", "a red circle on a blue background", "a cache test")
+    before = encoder.cache_stats.remote().result(timeout_s=30)
+    first = encoder.encode.remote(request).result(timeout_s=60)
+    second = encoder.encode.remote(request).result(timeout_s=60)
+    after = encoder.cache_stats.remote().result(timeout_s=30)
+    assert after["entries"] == min(before["entries"] + 1, before["capacity"])
     (fresh,) = encode_prompts(builtin_model, [request.prompt], [request.negative_prompt])
-    assert torch.equal(second.conditioning.prompt_embeds, fresh.prompt_embeds)
-    assert torch.equal(second.conditioning.negative_embeds, fresh.negative_embeds)
-    assert encoder.cache_stats() == {"entries": 1, "capacity": 2}
+    for answer in (first, second):
+        assert torch.equal(answer.conditioning.prompt_embeds, fresh.prompt_embeds)
+        assert torch.equal(answer.conditioning.negative_embeds, fresh.negative_embeds)
 
 
-def test_reconfigure_takes_the_user_config(encoder):
-    encoder.reconfigure({"embedding_cache_size": 5})
-    assert encoder.cache_stats()["capacity"] == 5
-    with pytest.raises(ValueError, match="unknown key"):
-        encoder.reconfigure({"embedding_cache_sise": 5})
-    encoder.reconfigure({})
-    assert encoder.cache_stats()["capacity"] == 5
+def test_reconfigure_takes_the_user_config(app):
+    """``reconfigure`` is what Serve calls with the deployment's ``user_config``; called here on
+    the live replica, and the capacity put back for the tests after."""
+    encoder = text_encoder()
+    try:
+        encoder.reconfigure.remote({"embedding_cache_size": 5}).result(timeout_s=30)
+        assert encoder.cache_stats.remote().result(timeout_s=30)["capacity"] == 5
+        with pytest.raises(Exception, match="unknown key"):
+            encoder.reconfigure.remote({"embedding_cache_sise": 5}).result(timeout_s=30)
+        encoder.reconfigure.remote({}).result(timeout_s=30)
+        assert encoder.cache_stats.remote().result(timeout_s=30)["capacity"] == 5
+    finally:
+        encoder.reconfigure.remote({"embedding_cache_size": DEFAULT_CACHE_SIZE}).result(timeout_s=30)
