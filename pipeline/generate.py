@@ -1,6 +1,7 @@
 """The whole pipeline in one process: prompts in, images out. The deployments split these stages."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
-from pipeline.denoise import DenoiseJob, DenoiseParams
-from pipeline.first_block_cache import forward_unet_cached
+from pipeline.denoise import DenoiseParams
+from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
 from pipeline.model import DiffusionModel
 
 
@@ -27,29 +28,24 @@ def generate_batch(model: DiffusionModel, prompts: list[str], params: list[Denoi
                    max_batch_rows: int = 64) -> list[Generated]:
     """Generate one image per prompt, sharing UNet forwards among them.
 
-    Each image keeps its own scheduler, generator and cache state (``DenoiseParams.cache``), so
-    its result does not depend on which others it was batched with. Images of different sizes
-    are denoised in separate groups.
+    Denoising runs on a ``DenoiseEngine`` of its own, as in a Denoiser replica: each image keeps
+    its own scheduler, generator and cache state (``DenoiseParams.cache``), so its result does
+    not depend on which others it was batched with. Call it where no event loop runs.
     """
     negatives = negative_prompts or [None] * len(prompts)
     conditionings = encode_prompts(model, prompts, negatives)
-    jobs = [DenoiseJob(model, c, p) for c, p in zip(conditionings, params)]
-    while pending := [j for j in jobs if not j.done]:
-        shape = pending[0].latents.shape
-        group, rows = [], 0
-        for job in pending:
-            if job.latents.shape == shape and rows + job.rows <= max(max_batch_rows, job.rows):
-                group.append(job)
-                rows += job.rows
-        result = forward_unet_cached(model, [j.unet_rows() for j in group], [j.cache for j in group])
-        for job, noise_pred in zip(group, result.outputs):
-            job.advance(noise_pred)
-    results = []
-    for job in jobs:
-        pixels = decode_latents(model, job.latents)[0]
-        cached = job.cache.steps_cached if job.cache is not None else 0
-        results.append(Generated(pixels, job.latents, job.params, job.step_index - cached, cached))
-    return results
+
+    async def denoise_all() -> list[EngineResult]:
+        engine = DenoiseEngine(max_batch_rows=max_batch_rows)
+        try:
+            return await asyncio.gather(*(engine.submit(model, EngineRequest(c, p))
+                                          for c, p in zip(conditionings, params)))
+        finally:
+            await engine.close()
+
+    return [Generated(decode_latents(model, result.latents)[0], result.latents, p,
+                      result.steps_computed, result.steps_cached)
+            for p, result in zip(params, asyncio.run(denoise_all()))]
 
 
 def generate(model: DiffusionModel, prompt: str, params: DenoiseParams,
