@@ -36,6 +36,7 @@ class EmbeddingCache:
     def __init__(self, capacity: int = DEFAULT_CACHE_SIZE) -> None:
         self._entries: OrderedDict[EncodeRequest, Conditioning] = OrderedDict()
         self.capacity = 0
+        self.hits = self.misses = 0  # lookups since start
         self.resize(capacity)
 
     def __len__(self) -> int:
@@ -43,7 +44,10 @@ class EmbeddingCache:
 
     def get(self, key: EncodeRequest) -> Conditioning | None:
         value = self._entries.get(key)
-        if value is not None:
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
             self._entries.move_to_end(key)
         return value
 
@@ -141,8 +145,9 @@ class TextEncoder:
         return results  # type: ignore[return-value]
 
     def cache_stats(self) -> dict[str, int]:
-        """The embedding cache's size and capacity, for tests and operators."""
-        return {"entries": len(self.cache), "capacity": self.cache.capacity}
+        """The embedding cache's size, capacity and lookups, for tests and operators."""
+        return {"entries": len(self.cache), "capacity": self.cache.capacity,
+                "hits": self.cache.hits, "misses": self.cache.misses}
 
     def placement(self) -> dict:
         return placement_report(self.store)

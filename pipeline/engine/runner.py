@@ -7,8 +7,8 @@ from typing import Callable
 
 from pipeline.engine.request import ActiveRequest
 from pipeline.first_block_cache import forward_unet_cached
-from pipeline.model import DiffusionModel
 from pipeline.lora import LoraSet
+from pipeline.model import DiffusionModel
 
 # Puts a LoRA set on the model before a forward (e.g. ``AdapterManager.activate``); runs on the
 # UNet thread, since switching adapters must not race a forward.

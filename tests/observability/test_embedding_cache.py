@@ -33,6 +33,7 @@ def test_key_is_model_prompt_and_negative_prompt():
     assert cache.get(key("p", None, "m2")) is None
     assert cache.get(key("p", "", "m1")) is None  # no negative prompt is not an empty one
     assert cache.get(key("p", None, "m1")) == "x"
+    assert (cache.hits, cache.misses) == (1, 2)
 
 
 def test_resize_and_off():
@@ -57,8 +58,8 @@ def text_encoder():
 
 
 def test_a_hit_returns_the_identical_conditioning(app, builtin_model):
-    """Through the live TextEncoder replica: the second call is a hit (one entry more, not two)
-    and both answers are exactly what a fresh encoding gives."""
+    """Through the live TextEncoder replica: the first call misses and stores one entry, the
+    second hits, and both answers are exactly what a fresh encoding gives."""
     encoder = text_encoder()
     request = EncodeRequest("tiny-shapes", "a red circle on a blue background", "a cache test")
     before = encoder.cache_stats.remote().result(timeout_s=30)
@@ -66,6 +67,7 @@ def test_a_hit_returns_the_identical_conditioning(app, builtin_model):
     second = encoder.encode.remote(request).result(timeout_s=60)
     after = encoder.cache_stats.remote().result(timeout_s=30)
     assert after["entries"] == min(before["entries"] + 1, before["capacity"])
+    assert (after["misses"], after["hits"]) == (before["misses"] + 1, before["hits"] + 1)
     (fresh,) = encode_prompts(builtin_model, [request.prompt], [request.negative_prompt])
     for answer in (first, second):
         assert torch.equal(answer.conditioning.prompt_embeds, fresh.prompt_embeds)
