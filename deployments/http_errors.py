@@ -7,10 +7,12 @@ its client maps to BadRequestError); the native and A1111 routes with 422, as Fa
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from deployments.api_models import ApiError
@@ -34,15 +36,32 @@ def _default_status(request: Request) -> int:
     return 400 if request.url.path.startswith(OPENAI_PREFIX) else 422
 
 
+class BodyLimitMiddleware:
+    """A 413 in the JSON error shape for a declared body over the limit (FastAPI's own
+    max_body_size answers in plain text).
+
+    Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware turns a request
+    cancelled because its client left into ``RuntimeError("No response returned.")``, which the
+    metrics middleware around it would count as a 500 instead of a 499.
+    """
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self.max_body_bytes:
+                response = error_response(413, "body", f"{length} bytes; the limit is "
+                                          f"{self.max_body_bytes}", "too_large")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Our own check rather than FastAPI's max_body_size, whose 413 is plain text.
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body_bytes:
-            return error_response(413, "body", f"{length} bytes; the limit is {max_body_bytes}",
-                                  "too_large")
-        return await call_next(request)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
