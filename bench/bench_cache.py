@@ -39,7 +39,8 @@ from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseJob, DenoiseParams
 from pipeline.first_block_cache import forward_unet_cached
-from pipeline.model import DiffusionModel, load_model
+from pipeline.loading import load_model
+from pipeline.model import DiffusionModel
 from pipeline.random_models import build_random_sd15, build_random_sdxl
 from pipeline.samplers import make_scheduler
 from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL

@@ -117,7 +117,7 @@ def throughput(url: str, concurrency: int, requests: int, steps: int, label: str
 def latency(urls: dict[str, str], images: int, steps: int) -> dict[str, float]:
     """Median seconds per image at concurrency 1: in-process and each app over HTTP, interleaved."""
     from pipeline.generate import generate
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
 
     torch.set_num_threads(1)
     model = load_model(MODEL_DIR)

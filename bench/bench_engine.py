@@ -47,8 +47,9 @@ def random_full_size(family: str, device: torch.device, dtype: torch.dtype) -> D
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(bundled_config(family, "unet")).to(dtype).eval()
         vae = AutoencoderKL.from_config(bundled_config(family, "vae")).to(dtype).eval()
-    return DiffusionModel(f"random-{family}", family, [], [], unet, vae,
-                          bundled_config(family, "scheduler"))
+    return DiffusionModel(f"random-{family}", family, unet_config=dict(unet.config),
+                          vae_config=dict(vae.config), scheduler_config=bundled_config(family, "scheduler"),
+                          loaded={"unet": unet, "vae": vae})
 
 
 def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]:
@@ -67,7 +68,7 @@ def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]
 
 def builtin(device: torch.device, dtype: torch.dtype, count: int) -> tuple[DiffusionModel, list[Conditioning]]:
     from pipeline.conditioning import encode_prompts
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
     from pipeline.tiny_shapes import MODEL_DIR
     from pipeline.tiny_shapes.world import TRAIN_SCENES
 
@@ -84,13 +85,13 @@ def synchronize(device: torch.device) -> None:
 
 async def timed(engine: DenoiseEngine, model: DiffusionModel, requests: list[EngineRequest],
                 together: bool) -> tuple[float, list[EngineResult]]:
-    synchronize(model.device)
+    synchronize(model.unet.device)
     start = time.perf_counter()
     if together:
         results = await asyncio.gather(*(engine.submit(model, r) for r in requests))
     else:
         results = [await engine.submit(model, r) for r in requests]
-    synchronize(model.device)
+    synchronize(model.unet.device)
     return time.perf_counter() - start, results
 
 
@@ -153,7 +154,7 @@ def main() -> None:
            "(no Ray, no HTTP). One at a time: each request alone in its forwards (2 rows). Engine: "
            "all submitted together to one DenoiseEngine. Max latent diff: the largest |latent alone - "
            "latent in the batch| over the requests.")
-    plot(args.arch, size, rows, model.device)
+    plot(args.arch, size, rows, model.unet.device)
 
 
 def plot(arch: str, size: int, rows: list[tuple], device: torch.device) -> None:

@@ -40,7 +40,7 @@ SPREADS = (0, 1, 2, 4)  # LoRAs the requests are spread over (0: none)
 
 def make_library(root: Path, models: int, loras: int) -> tuple[Path, Path]:
     from pipeline.checkpoints import save_checkpoint
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
     from pipeline.random_models import write_lora_pair
 
     checkpoints, lora_dir = root / "checkpoints", root / "loras"

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from bench.report import markdown_table, record, save_figure
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
-from pipeline.model import load_model
+from pipeline.loading import load_model
 from pipeline.samplers import make_scheduler
 from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 from pipeline.tiny_shapes.world import TRAIN_SCENES

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from pipeline.errors import ModelLoadError, NotFoundError
 from pipeline.library import CheckpointLibrary
-from pipeline.model import describe_model
+from pipeline.loading import describe_model
 
 
 class ModelInfo(BaseModel):

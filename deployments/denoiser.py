@@ -10,7 +10,7 @@ and the engine drops the request before its next step.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from ray import serve
 
@@ -22,7 +22,7 @@ from pipeline.model import DiffusionModel
 from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
 from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
-                                 placement_report)
+                                 placement_report, replica_stats)
 from deployments.settings import DenoiserKnobs, StageSettings
 
 
@@ -30,14 +30,14 @@ from deployments.settings import DenoiserKnobs, StageSettings
 class Denoiser:
     async def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
         pin_torch_threads()
-        self.store = ModelStore(settings, TorchWorker())
+        self.store = ModelStore(settings, TorchWorker(), components=("unet",))
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
                                     activate_adapters=self._activate_loras)
         await self.store.start()
 
     def _activate_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
-        activate_loras(self.store.adapters(model, "unet"), model, loras)
+        activate_loras(self.store.adapters(model), model, loras)
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
         return await self._denoise(encoded, params)
@@ -68,10 +68,10 @@ class Denoiser:
         return Denoised(encoded.model, result.latents, timings,
                         steps_computed=result.steps_computed, steps_cached=result.steps_cached)
 
-    def stats(self) -> dict[str, str | int | float]:
+    def stats(self) -> dict[str, Any]:
         """This replica's engine counters, for tests and operators: forwards and rows run,
-        seconds spent in forwards, requests in flight and cancelled."""
-        return {"replica": serve.get_replica_context().replica_id.unique_id,
+        seconds spent in forwards, requests in flight and cancelled; and what it holds."""
+        return {**replica_stats(self.store),
                 "forwards": self.engine.forwards, "rows": self.engine.rows,
                 "busy_s": self.engine.busy_s, "active": len(self.engine.active),
                 "cancelled": self.engine.cancelled}

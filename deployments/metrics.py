@@ -103,6 +103,9 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
           "result (ok or error).", ("model", "kind", "result")),
     _spec("raydiance_model_load_seconds", "histogram", "Time to load a model or LoRA onto a "
           "replica's device.", ("model", "kind"), LOAD_BUCKETS_S),
+    _spec("raydiance_replica_model_bytes", "gauge", "Tensor bytes a replica holds, by model and "
+          "component (text_encoder, text_encoder_2, unet, vae; LoRA adapters count in the "
+          "component that took them): each stage holds only its own part.", ("model", "component")),
 )}
 
 _created: dict[str, Any] = {}

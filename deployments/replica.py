@@ -1,9 +1,13 @@
-"""What every model-holding replica shares: one torch thread, a torch worker thread, its models."""
+"""What every model-holding replica shares: one torch thread, a torch worker thread, its models
+(only the components its stage runs), and the report of what it holds."""
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import os
+import weakref
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -12,9 +16,12 @@ import torch
 from pipeline.device import default_dtype, select_device
 from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
+from pipeline.loading import load_model
 from pipeline.lora import AdapterManager, LoraSet
-from pipeline.model import DiffusionModel, load_model
+from pipeline.memory import component_bytes, process_memory
+from pipeline.model import Component, DiffusionModel
 
+from deployments import metrics
 from deployments.metrics import LoadTimer
 from deployments.settings import StageSettings
 
@@ -44,23 +51,62 @@ class TorchWorker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
 
+class HeldModels:
+    """The models alive in this replica: loaded and not yet garbage (a model the multiplexer
+    dropped stays alive, and in memory, while requests still use it). Publishes
+    ``raydiance_replica_model_bytes`` by model and component whenever that set changes."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[DiffusionModel] = weakref.WeakSet()
+        self._published: set[tuple[str, str]] = set()
+
+    def add(self, model: DiffusionModel) -> None:
+        self._live.add(model)
+        weakref.finalize(model, self.publish)
+        self.publish()
+
+    def models(self) -> list[DiffusionModel]:
+        return list(self._live)
+
+    def bytes_by_model(self) -> dict[str, dict[str, int]]:
+        """{model name: {component: tensor bytes}}, two live copies of one model added up."""
+        held: dict[str, Counter[str]] = {}
+        for model in self.models():
+            held.setdefault(model.name, Counter()).update(component_bytes(model))
+        return {name: dict(components) for name, components in sorted(held.items())}
+
+    def publish(self) -> None:
+        current = {(name, component): size for name, components in self.bytes_by_model().items()
+                   for component, size in components.items()}
+        for name, component in self._published - set(current):  # gone: the series drops to 0
+            metrics.set_gauge("raydiance_replica_model_bytes", 0, model=name, component=component)
+        for (name, component), size in current.items():
+            metrics.set_gauge("raydiance_replica_model_bytes", size, model=name, component=component)
+        self._published = set(current)
+
+
 class ModelStore:
-    """This replica's models: loaded on first use off the event loop, at most
-    ``max_models_per_replica`` kept (Ray Serve model multiplexing, which also tells the router
-    which replica holds which model), the default one loaded by ``start``.
+    """This replica's models: the ``components`` its stage runs and nothing else, loaded on first
+    use off the event loop, at most ``max_models_per_replica`` kept (Ray Serve model
+    multiplexing, which also tells the router which replica holds which model), the default one
+    loaded by ``start``.
 
     ``await store.get(name)`` returns the model. A model dropped from the store stays alive for
     the requests still using it.
     """
 
-    def __init__(self, settings: StageSettings, worker: TorchWorker) -> None:
+    def __init__(self, settings: StageSettings, worker: TorchWorker,
+                 components: tuple[Component, ...]) -> None:
         from ray import serve
 
         self.settings = settings
         self.catalog = settings.catalog()
         self.worker = worker
+        self.components = components
         self.device = select_device(settings.accelerator)
         self.dtype = default_dtype(self.device)
+        self.held = HeldModels()
+        self.rss_at_start = process_memory()["rss_bytes"]  # the bare replica, before any model
 
         async def get(name: str) -> DiffusionModel:
             return await self.worker.run(self.load, name)
@@ -80,19 +126,31 @@ class ModelStore:
 
     def load(self, name: str) -> DiffusionModel:
         path = self.catalog.path(name)  # NotFoundError for a name that is not (or no longer) served
+        # A model the multiplexer just dropped is garbage in a reference cycle (its LoRA manager
+        # points back at it): free it before the next one takes its memory.
+        gc.collect()
         with LoadTimer(name, "model"):  # raydiance_model_loads, _model_load_seconds
-            return load_model(path, device=self.device, dtype=self.dtype, name=name)
+            model = load_model(path, components=self.components, device=self.device,
+                               dtype=self.dtype, name=name)
+        self.held.add(model)
+        return model
 
-    def adapters(self, model: DiffusionModel, part: str) -> AdapterManager | None:
-        """The model's LoRA adapters for this stage's ``part`` (None when no loras_dir is set);
-        kept on the model, so they go when it goes."""
+    def memory_report(self) -> dict[str, Any]:
+        """What this replica holds: each live model's components with their tensor bytes, its
+        RSS now, at peak and before any model was loaded, and CUDA's allocated bytes."""
+        return {"models": self.held.bytes_by_model(),
+                "memory": {**process_memory(), "rss_at_start_bytes": self.rss_at_start}}
+
+    def adapters(self, model: DiffusionModel) -> AdapterManager | None:
+        """The model's LoRA adapters, in the components this stage holds (None when no
+        loras_dir is set); kept on the model, so they go when it goes."""
         if self.settings.loras_dir is None:
             return None
         manager = model.extra.get("adapters")
         if manager is None:
             manager = model.extra["adapters"] = AdapterManager(
                 model, LoraLibrary(self.settings.loras_dir),
-                max_loaded=self.settings.max_loras_per_model, parts=(part,))
+                max_loaded=self.settings.max_loras_per_model)
         return manager
 
 
@@ -111,16 +169,30 @@ def activate_loras(manager: AdapterManager | None, model: DiffusionModel,
         manager.activate(loras)
 
 
+def replica_stats(store: ModelStore) -> dict[str, Any]:
+    """The part of every stage's ``stats()`` that is the same for all: which replica, what it holds."""
+    from ray import serve
+
+    return {"replica": serve.get_replica_context().replica_id.unique_id, **store.memory_report()}
+
+
 def placement_report(store: ModelStore) -> dict[str, Any]:
-    """What Ray handed this replica and what it runs on: the two differ on a fake GPU node."""
+    """What Ray handed this replica and what it runs on (the two differ on a fake GPU node): the
+    device and dtype are those of the stage's own component, as loaded."""
     import ray
 
+    device, dtype = store.device, store.dtype
+    models = store.held.models()
+    if models:
+        weight = next(next(iter(models[0].modules().values())).parameters())
+        device, dtype = weight.device, weight.dtype
     return {
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cuda_available": torch.cuda.is_available(),
-        "device": str(store.device),
-        "dtype": str(store.dtype),
+        "device": str(device),
+        "dtype": str(dtype),
+        "components": list(store.components),
         "torch_threads": torch.get_num_threads(),
         "node_id": ray.get_runtime_context().get_node_id(),
     }

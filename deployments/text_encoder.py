@@ -18,7 +18,7 @@ from pipeline.model import DiffusionModel
 from deployments import metrics
 from deployments.messages import Encoded, EncodeRequest
 from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
-                                 placement_report)
+                                 placement_report, replica_stats)
 from deployments.settings import BatchKnobs, StageSettings
 
 # SD1.5 conditioning is ~0.5 MB in fp32 and SDXL's ~1.3 MB in fp32 (half in fp16): 128 entries
@@ -75,7 +75,7 @@ class TextEncoder:
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         pin_torch_threads()
         self.worker = TorchWorker()
-        self.store = ModelStore(settings, self.worker)
+        self.store = ModelStore(settings, self.worker, components=("text_encoders",))
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self.cache = EmbeddingCache(cache_size)
         self._encode_batch.set_max_batch_size(knobs.max_batch_size)
@@ -132,7 +132,7 @@ class TextEncoder:
             request, model = items[indices[0]]
             name, requests = request.model, [items[i][0] for i in indices]
             try:
-                activate_loras(self.store.adapters(model, "text_encoders"), model, request.loras)
+                activate_loras(self.store.adapters(model), model, request.loras)
                 conditionings = encode_prompts(model, [r.prompt for r in requests],
                                                [r.negative_prompt for r in requests])
             except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to
@@ -144,10 +144,11 @@ class TextEncoder:
                 results[i] = Encoded(name, conditioning, {"encode": ms}, request.loras)
         return results  # type: ignore[return-value]
 
-    def cache_stats(self) -> dict[str, int]:
-        """The embedding cache's size, capacity and lookups, for tests and operators."""
-        return {"entries": len(self.cache), "capacity": self.cache.capacity,
-                "hits": self.cache.hits, "misses": self.cache.misses}
+    def stats(self) -> dict[str, Any]:
+        """What this replica holds, and its embedding cache's size, capacity and lookups."""
+        return {**replica_stats(self.store), "embedding_cache": {
+            "entries": len(self.cache), "capacity": self.cache.capacity,
+            "hits": self.cache.hits, "misses": self.cache.misses}}
 
     def placement(self) -> dict:
         return placement_report(self.store)

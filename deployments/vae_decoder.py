@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Any
 
 import torch
 from ray import serve
@@ -17,7 +18,8 @@ from pipeline.model import DiffusionModel
 
 from deployments import metrics
 from deployments.messages import Decoded, Denoised
-from deployments.replica import ModelStore, TorchWorker, pin_torch_threads, placement_report
+from deployments.replica import (ModelStore, TorchWorker, pin_torch_threads, placement_report,
+                                 replica_stats)
 from deployments.settings import BatchKnobs, StageSettings
 
 
@@ -29,7 +31,7 @@ class VAEDecoder:
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
         pin_torch_threads()
         self.worker = TorchWorker()
-        self.store = ModelStore(settings, self.worker)
+        self.store = ModelStore(settings, self.worker, components=("vae",))
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self._decode_batch.set_max_batch_size(knobs.max_batch_size)
         self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
@@ -70,6 +72,10 @@ class VAEDecoder:
                 results[i] = Decoded(png, {**denoised.timings, "decode": ms},
                                      denoised.steps_computed, denoised.steps_cached)
         return results  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, Any]:
+        """What this replica holds."""
+        return replica_stats(self.store)
 
     def placement(self) -> dict:
         return placement_report(self.store)

@@ -55,7 +55,7 @@ def initial_latents(model: DiffusionModel, params: DenoiseParams,
     if params.width % factor or params.height % factor:
         raise InvalidRequestError("width", f"width and height must be multiples of {factor}")
     shape = (1, model.latent_channels, params.height // factor, params.width // factor)
-    return torch.randn(shape, generator=generator, dtype=model.dtype).to(model.device)
+    return torch.randn(shape, generator=generator, dtype=model.unet.dtype).to(model.unet.device)
 
 
 class DenoiseJob:
@@ -65,14 +65,14 @@ class DenoiseJob:
         if params.steps < 1:
             raise InvalidRequestError("steps", "must be at least 1")
         self.params = params
-        self.device, self.dtype = model.device, model.dtype
+        self.device, self.dtype = model.unet.device, model.unet.dtype  # the UNet's, not the model's
         self.generator = torch.Generator("cpu").manual_seed(params.seed)
         self.scheduler = make_scheduler(params.sampler, model.scheduler_config)
-        self.scheduler.set_timesteps(params.steps, device=model.device)
+        self.scheduler.set_timesteps(params.steps, device=self.device)
         self.timesteps = self.scheduler.timesteps
         self.latents = initial_latents(model, params, self.generator) * self.scheduler.init_noise_sigma
         self.guided = params.guidance_scale > 1.0
-        cond = conditioning.to(model.device, model.dtype)
+        cond = conditioning.to(self.device, self.dtype)
         embeds = [cond.negative_embeds, cond.prompt_embeds] if self.guided else [cond.prompt_embeds]
         self.encoder_hidden_states = torch.stack(embeds)
         self.text_embeds = self.time_ids = None
@@ -80,7 +80,7 @@ class DenoiseJob:
             pooled = [cond.negative_pooled, cond.pooled] if self.guided else [cond.pooled]
             self.text_embeds = torch.stack(pooled)
             size = (params.height, params.width)
-            time_ids = torch.tensor([*size, 0, 0, *size], dtype=model.dtype, device=model.device)
+            time_ids = torch.tensor([*size, 0, 0, *size], dtype=self.dtype, device=self.device)
             self.time_ids = time_ids.expand(len(embeds), -1)
         step_signature = inspect.signature(self.scheduler.step).parameters
         self._step_kwargs = {"generator": self.generator} if "generator" in step_signature else {}

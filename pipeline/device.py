@@ -25,3 +25,15 @@ def select_device(accelerator: Accelerator = "auto") -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp16 on GPUs (what SD checkpoints are made for), fp32 on CPUs (where fp16 is slow)."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def vae_dtype(vae_config: dict, dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows in fp16 (its config says ``force_upcast``): it runs in fp32."""
+    if dtype == torch.float16 and vae_config.get("force_upcast", True):
+        return torch.float32
+    return dtype
+
+
+def for_inference(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """A loaded component moved to its stage's device, in eval mode, with no gradients."""
+    return module.to(device).eval().requires_grad_(False)

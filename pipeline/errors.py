@@ -29,3 +29,7 @@ class NotFoundError(InvalidRequestError):
     A subclass of ``InvalidRequestError``, so that code mapping request errors still catches it;
     check for this class first where the status differs.
     """
+
+
+class MissingComponentError(RaydianceError):
+    """A stage touched a model component it did not load (a bug: stages load what they run)."""

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import InvalidRequestError, NotFoundError
-from pipeline.model import PICKLE_SUFFIXES
+from pipeline.pickles import PICKLE_SUFFIXES
 
 SAFETENSORS = ".safetensors"
 

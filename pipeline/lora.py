@@ -6,7 +6,9 @@ and ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject them. An ``
 keeps up to ``max_loaded`` of them on one model (least recently used evicted) and activates a
 set by setting each adapter's weight: switching sets reloads nothing. All requests of a batch
 share one set, so the engine calls ``activate`` before the batch's UNet forward, and the
-text-encoding stage before it encodes.
+text-encoding stage before it encodes. A LoRA's parts go where their weights live: into the UNet
+and text encoders the model holds (a Denoiser's model holds only the UNet, a TextEncoder's only
+the text encoders), the rest of the file is not used there.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.loaders import (
     StableDiffusionLoraLoaderMixin,
     StableDiffusionXLLoraLoaderMixin,
@@ -37,11 +39,11 @@ from safetensors.torch import load_file
 
 from pipeline.errors import InvalidRequestError, ModelLoadError
 from pipeline.library import LoraLibrary
-from pipeline.model import PICKLE_SUFFIXES, DiffusionModel
+from pipeline.model import DiffusionModel
+from pipeline.pickles import PICKLE_SUFFIXES
 
 LoraSet = tuple[tuple[str, float], ...]
 """Canonical LoRA set: (name, weight) pairs sorted by name, no zero weights, no repeats."""
-Part = Literal["unet", "text_encoders"]
 _UNET_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.",
                  "add_embedding.")
 _LORA_KEY = re.compile(r"lora_(down|up|A|B)\.|lora\.(down|up)\.|lora_linear_layer|\.alpha$|dora_scale"
@@ -101,21 +103,20 @@ def _text_encoder_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 class AdapterManager:
     """The LoRAs loaded on one model, at most ``max_loaded``, and the set now active.
 
-    ``parts`` says which components take LoRAs here: a Denoiser replica needs only the UNet,
-    a text-encoding one only the text encoders. Not thread-safe: call ``activate`` from the
-    thread that then runs the model.
+    Adapters go into the UNet and text encoders that ``model`` holds, whichever those are. Not
+    thread-safe: call ``activate`` from the thread that then runs the model.
     """
 
-    def __init__(self, model: DiffusionModel, library: LoraLibrary, *, max_loaded: int = 8,
-                 parts: Iterable[Part] = ("unet", "text_encoders")) -> None:
+    def __init__(self, model: DiffusionModel, library: LoraLibrary, *, max_loaded: int = 8) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.model, self.library, self.max_loaded = model, library, max_loaded
-        self.parts = frozenset(parts)
+        # the components that take LoRAs, by diffusers' names: unet, text_encoder, text_encoder_2
+        self._components = {name: module for name, module in model.modules().items() if name != "vae"}
         self._mixin = (StableDiffusionXLLoraLoaderMixin if model.family == "sdxl"
                        else StableDiffusionLoraLoaderMixin)
         self._adapters: OrderedDict[str, str] = OrderedDict()  # LoRA name -> adapter name, LRU first
-        self._where: dict[str, list[torch.nn.Module]] = {}  # adapter name -> components holding it
+        self._where: dict[str, list[str]] = {}  # adapter name -> names of the components holding it
         self._serial = 0
         self._active: LoraSet | None = ()  # None: the components' state is unknown (after a failure)
         self.loads = 0  # LoRA files loaded so far, for metrics
@@ -128,14 +129,6 @@ class AdapterManager:
     @property
     def active(self) -> LoraSet:
         return self._active or ()
-
-    def _components(self) -> list[torch.nn.Module]:
-        components: list[torch.nn.Module] = []
-        if "unet" in self.parts:
-            components.append(self.model.unet)
-        if "text_encoders" in self.parts:
-            components.extend(self.model.text_encoders)
-        return components
 
     def activate(self, loras: Iterable[tuple[str, float]]) -> LoraSet:
         """Make ``loras`` the active set (loading what is missing); returns it in canonical form.
@@ -159,9 +152,9 @@ class AdapterManager:
         return wanted
 
     def _apply(self, wanted: LoraSet) -> None:
-        for component in self._components():
-            held = [(self._adapters[n], w) for n, w in wanted if component in self._where[self._adapters[n]]]
-            if component is self.model.unet:
+        for name, component in self._components.items():
+            held = [(self._adapters[n], w) for n, w in wanted if name in self._where[self._adapters[n]]]
+            if name == "unet":
                 if held:
                     component.enable_lora()
                     component.set_adapters([a for a, _ in held], [w for _, w in held])
@@ -183,12 +176,13 @@ class AdapterManager:
                                       "kinds are not supported)")
         try:
             with _quiet():
-                state_dict, alphas = self._mixin.lora_state_dict(state_dict, unet_config=self.model.unet.config)
+                state_dict, alphas = self._mixin.lora_state_dict(
+                    state_dict, unet_config=FrozenDict(self.model.unet_config))
         except ValueError as error:  # key names diffusers cannot place
             raise InvalidRequestError("loras", f"{name}: LoRA layout not understood ({error})") from None
         if all(k.startswith(_UNET_MODULES) for k in state_dict):  # a bare peft UNet adapter
             state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
-        encoder_prefixes = ["text_encoder", "text_encoder_2"][:len(self.model.text_encoders)]
+        encoder_prefixes = ["text_encoder", "text_encoder_2"][:2 if self.model.family == "sdxl" else 1]
         known = ("unet.", *(p + "." for p in encoder_prefixes))
         if not any(k.startswith(known) for k in state_dict):
             raise InvalidRequestError("loras", f"{name}: has no weights for this {self.model.family} "
@@ -200,20 +194,20 @@ class AdapterManager:
         self._where[adapter] = []
         try:
             with _quiet():
-                if "unet" in self.parts and any(k.startswith("unet.") for k in state_dict):
-                    self._mixin.load_lora_into_unet(state_dict, alphas, self.model.unet,
+                if "unet" in self._components and any(k.startswith("unet.") for k in state_dict):
+                    self._mixin.load_lora_into_unet(state_dict, alphas, self._components["unet"],
                                                     adapter_name=adapter, metadata=metadata)
-                    self._where[adapter].append(self.model.unet)
-                if "text_encoders" in self.parts:
-                    for prefix, encoder in zip(encoder_prefixes, self.model.text_encoders):
-                        part = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
-                        if not part:
-                            continue
-                        part = {f"{prefix}.{k}": v for k, v in _text_encoder_to_peft(
-                            {k[len(prefix) + 1:]: v for k, v in part.items()}).items()}
-                        self._mixin.load_lora_into_text_encoder(
-                            part, alphas, encoder, prefix=prefix, adapter_name=adapter, metadata=metadata)
-                        self._where[adapter].append(encoder)
+                    self._where[adapter].append("unet")
+                for prefix in encoder_prefixes:
+                    part = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+                    if prefix not in self._components or not part:
+                        continue
+                    part = {f"{prefix}.{k}": v for k, v in _text_encoder_to_peft(
+                        {k[len(prefix) + 1:]: v for k, v in part.items()}).items()}
+                    self._mixin.load_lora_into_text_encoder(
+                        part, alphas, self._components[prefix], prefix=prefix, adapter_name=adapter,
+                        metadata=metadata)
+                    self._where[adapter].append(prefix)
         except Exception as error:  # shapes that do not fit, modules the model lacks
             self._unload(adapter)
             raise InvalidRequestError("loras", f"{name}: does not fit model {self.model.name!r} "
@@ -224,11 +218,11 @@ class AdapterManager:
     def _unload(self, adapter: str) -> None:
         """Delete ``adapter`` wherever it was injected, even partly (a load that failed)."""
         self._where.pop(adapter, None)
-        for component in [self.model.unet, *self.model.text_encoders]:
+        for name, component in self._components.items():
             if adapter not in (getattr(component, "peft_config", None) or {}):
                 continue
             with _quiet():
-                if component is self.model.unet:
+                if name == "unet":
                     component.delete_adapters(adapter)
                 else:  # transformers' own delete_adapter wants peft >= 0.22, not yet released
                     delete_adapter_layers(component, adapter)

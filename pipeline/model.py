@@ -1,92 +1,29 @@
-"""Loading a Stable Diffusion-family model, a diffusers folder or a single-file checkpoint.
+"""A Stable Diffusion-family model as a stage holds it: what the model is, and which parts are loaded.
 
-Local files only, safetensors only. Single ``.safetensors`` checkpoints in the original LDM/SGM
-layout (as ComfyUI and AUTOMATIC1111 users have them) load through ``pipeline.checkpoints``.
+Each stage loads only the components it runs (``Component``): the TextEncoder the tokenizers and
+text encoders, the Denoiser the UNet, the VAE stage the VAE. What every stage may need besides
+its own part is small JSON (the UNet's, VAE's and scheduler's configs), so it is always there;
+touching a component that was not loaded raises ``MissingComponentError`` rather than quietly
+holding a second copy of a model on a card that has no room for it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTokenizer
 
-from pipeline.errors import ModelLoadError, UnsafeWeightsError
+from pipeline.errors import MissingComponentError
 
 Family = Literal["sd15", "sdxl"]
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
-_FAMILY_BY_PIPELINE = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-_TEXT_ENCODER_CLASSES = {
-    "CLIPTextModel": CLIPTextModel,
-    "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
-}
+Component = Literal["text_encoders", "unet", "vae"]
+COMPONENTS: tuple[Component, ...] = ("text_encoders", "unet", "vae")
+"""Loadable parts, each what one stage runs; ``text_encoders`` comes with its tokenizers."""
 
-
-@dataclass
-class DiffusionModel:
-    """The components of one model, on one device, ready for the stages to use."""
-
-    name: str
-    family: Family
-    tokenizers: list[CLIPTokenizer]
-    text_encoders: list[torch.nn.Module]
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler_config: dict[str, Any]
-    force_zeros_for_empty_prompt: bool = False
-    path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        """The side in pixels the model was trained at (64 tiny-shapes, 512 SD1.5, 1024 SDXL)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
-
-
-def refuse_pickles(path: Path) -> None:
-    """Raise if ``path`` is, or a component folder holds only, pickle-format weights."""
-    if path.is_file():
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise UnsafeWeightsError(
-                f"{path.name}: pickle-format weights are refused (they can run code when loaded); "
-                "convert the checkpoint to .safetensors")
-        return
-    for component in [p for p in path.iterdir() if p.is_dir()]:
-        files = list(component.iterdir())
-        weights = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}]
-        if weights and not any(f.suffix == ".safetensors" for f in weights):
-            raise UnsafeWeightsError(
-                f"{component.name}/{weights[0].name}: pickle-format weights are refused (they can "
-                "run code when loaded); save the model with safe_serialization=True")
-
-
-def vae_dtype(vae_config: dict[str, Any], dtype: torch.dtype) -> torch.dtype:
-    """SDXL's VAE overflows in fp16 (its config says ``force_upcast``): decode in fp32."""
-    if dtype == torch.float16 and vae_config.get("force_upcast", True):
-        return torch.float32
-    return dtype
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,74 +34,90 @@ class ModelDescription:
     native_size: int  # the side in pixels the model was trained at
     vae_scale_factor: int
 
-
-def describe_model(path: str | Path) -> ModelDescription:
-    """Family, native size and VAE scale of a diffusers folder (its JSON files) or a single-file
-    checkpoint (its header: key names, shapes and metadata), reading no weights."""
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such model")
-    refuse_pickles(path)
-    if path.is_file():
-        # imported here: that package imports this module
-        from pipeline.checkpoints import describe_checkpoint
-
-        return describe_checkpoint(path)
-    index = _read_index(path)
-    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
-    if family is None:
-        raise ModelLoadError(f"{path}: pipeline {index.get('_class_name')!r} is not SD1.5 or SDXL")
-    unet_config = json.loads((path / "unet" / "config.json").read_text())
-    vae_config = json.loads((path / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return ModelDescription(family, int(unet_config["sample_size"]) * factor, factor)
+    @classmethod
+    def from_configs(cls, family: Family, unet_config: dict[str, Any],
+                     vae_config: dict[str, Any]) -> ModelDescription:
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        return cls(family, int(unet_config["sample_size"]) * factor, factor)
 
 
-def _read_index(path: Path) -> dict[str, Any]:
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
-    return json.loads(index_file.read_text())
+@dataclass
+class TextEncoders:
+    """The tokenizers and text encoders, one pair per encoder (SDXL: two, the second pooled)."""
+
+    tokenizers: list[CLIPTokenizer]
+    encoders: list[torch.nn.Module]
 
 
-def load_model(path: str | Path, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, name: str | None = None) -> DiffusionModel:
-    """Load an SD1.5 or SDXL diffusers folder or single ``.safetensors`` checkpoint; never
-    reaches the network, never unpickles."""
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such model")
-    refuse_pickles(path)
-    if path.is_file():
-        # imported here: that package imports this module
-        from pipeline.checkpoints import load_checkpoint
+@dataclass(eq=False)
+class DiffusionModel:
+    """One model's configs and the components this process loaded of it, each on its device."""
 
-        return load_checkpoint(path, device=device, dtype=dtype, name=name)
-    index = _read_index(path)
-    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
-    if family is None:
-        raise ModelLoadError(f"{path}: pipeline {index.get('_class_name')!r} is not SD1.5 or SDXL")
-    encoder_names = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
-    tokenizers, encoders = [], []
-    for i, encoder_name in enumerate(encoder_names):
-        tokenizer_name = "tokenizer" if i == 0 else "tokenizer_2"
-        tokenizers.append(CLIPTokenizer.from_pretrained(path / tokenizer_name, local_files_only=True))
-        encoder_class = _TEXT_ENCODER_CLASSES[index[encoder_name][1]]
-        encoders.append(encoder_class.from_pretrained(
-            path / encoder_name, local_files_only=True, use_safetensors=True, dtype=dtype,
-        ).to(device).eval().requires_grad_(False))
-    unet = UNet2DConditionModel.from_pretrained(
-        path, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dtype,
-    ).to(device).eval().requires_grad_(False)
-    vae_config = json.loads((path / "vae" / "config.json").read_text())
-    vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", local_files_only=True, use_safetensors=True,
-        torch_dtype=vae_dtype(vae_config, dtype),
-    ).to(device).eval().requires_grad_(False)
-    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    return DiffusionModel(
-        name=name or path.name, family=family, tokenizers=tokenizers, text_encoders=encoders,
-        unet=unet, vae=vae, scheduler_config=scheduler_config,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
-        path=path,
-    )
+    name: str
+    family: Family
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    force_zeros_for_empty_prompt: bool = False
+    loaded: dict[Component, Any] = field(default_factory=dict)  # TextEncoders, UNet, VAE
+    path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        """The loaded components, in pipeline order."""
+        return tuple(c for c in COMPONENTS if c in self.loaded)
+
+    def _component(self, component: Component, kind: type[T]) -> T:
+        part = self.loaded.get(component)
+        if part is None:
+            held = ", ".join(self.components) or "nothing"
+            raise MissingComponentError(f"model {self.name!r}: {component} not loaded in this "
+                                        f"process, which holds {held}")
+        return part
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self._component("unet", UNet2DConditionModel)
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self._component("vae", AutoencoderKL)
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return self._component("text_encoders", TextEncoders).tokenizers
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return self._component("text_encoders", TextEncoders).encoders
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded weights by diffusers' component names: ``text_encoder``, ``text_encoder_2``,
+        ``unet``, ``vae`` (tokenizers hold no tensors)."""
+        modules: dict[str, torch.nn.Module] = {}
+        if "text_encoders" in self.loaded:
+            for i, encoder in enumerate(self.text_encoders):
+                modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+        if "unet" in self.loaded:
+            modules["unet"] = self.unet
+        if "vae" in self.loaded:
+            modules["vae"] = self.vae
+        return modules
+
+    @property
+    def description(self) -> ModelDescription:
+        return ModelDescription.from_configs(self.family, self.unet_config, self.vae_config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.description.vae_scale_factor
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the model was trained at (64 tiny-shapes, 512 SD1.5, 1024 SDXL)."""
+        return self.description.native_size
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet_config["in_channels"])

@@ -17,7 +17,7 @@ from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL  # noqa: E402
 
 @pytest.fixture(scope="session")
 def builtin_model():
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
 
     return load_model(BUILTIN_MODEL)
 
@@ -31,6 +31,6 @@ def sdxl_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sdxl_model(sdxl_folder):
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
 
     return load_model(sdxl_folder)

@@ -173,14 +173,19 @@ def panels() -> list[dict[str, Any]]:
             "Share of prompt encodings served from the TextEncoder's LRU, and its size.",
             width=6),
 
-        row("Model and LoRA loads"),
+        row("Models: what each stage holds, and loads"),
+        timeseries("Model memory by deployment and component", [target(
+            f"sum by (deployment, component) ({raydiance('replica_model_bytes')}{{{SEL}}})",
+            "{{deployment}} {{component}}")], "bytes",
+            "Tensor bytes held, summed over each deployment's replicas: the TextEncoder holds "
+            "text encoders, the Denoiser UNets, the VAEDecoder VAEs, and nothing else.", stack=True),
         timeseries("Loads (since start)", [target(
             f"sum by (model, kind, result) ({raydiance('model_loads_total')}{{{SEL}}})",
             "{{kind}} {{model}} {{result}}")], "short",
-            "Model and LoRA loads onto replicas, cumulative.", width=12),
+            "Model and LoRA loads onto replicas, cumulative."),
         timeseries("Load time over the dashboard range (p50/p95/p99)", quantiles(
             raydiance("model_load_seconds"), "kind, model", window="$__range"), "s",
-            "How long loading a model or LoRA onto a replica's device took.", width=12),
+            "How long loading a model or LoRA onto a replica's device took."),
 
         row("Nodes (Ray)"),
         timeseries("Node CPU", [target("avg by (ip) (ray_node_cpu_utilization)", "{{ip}}")],

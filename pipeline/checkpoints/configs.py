@@ -122,6 +122,19 @@ def clip_dimensions(shapes: Shapes) -> dict[str, Any]:
     return config
 
 
+def open_clip_dimensions(shapes: Shapes) -> dict[str, Any]:
+    """CLIPTextConfig entries from an OpenCLIP text encoder's shapes (SDXL's second, unprefixed)."""
+    vocab_size, hidden = shapes["token_embedding.weight"]
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "max_position_embeddings": shapes["positional_embedding"][0],
+        "num_hidden_layers": len(indices(shapes, "transformer.resblocks.")),
+        "intermediate_size": shapes["transformer.resblocks.0.mlp.c_fc.weight"][0],
+        "projection_dim": shapes["text_projection"][1],
+    }
+
+
 def pooled_width(shapes: Shapes) -> int | None:
     """SDXL's pooled text width: the OpenCLIP projection's output size (None for SD1.5)."""
     projection = shapes.get(OPEN_CLIP_SDXL + "text_projection")

@@ -1,38 +1,42 @@
-"""Loading a single-file SD1.5/SDXL checkpoint into a ``DiffusionModel``, offline, safetensors only.
+"""Loading the components of a single-file SD1.5/SDXL checkpoint, offline, safetensors only.
 
-The key conversion is diffusers' own (``convert_ldm_unet_checkpoint`` and friends in
-``diffusers.loaders.single_file_utils``); the configs come from the weights' shapes and the
-bundled SD1.5/SDXL configs (``pipeline.checkpoints.configs``), never from the hub. Each
-component is built with empty weights and takes the file's tensors as they are read, one
-component at a time, so a large checkpoint is not held twice in memory.
+Each component is read on its own: only the tensors under its key prefix leave the file
+(safetensors reads lazily), cast to the component's dtype as they are read, so a fp16 file
+served in fp32 is never held twice. diffusers' own single-file loaders then convert the keys and
+build the module with empty weights: ``from_single_file`` for the UNet and the VAE,
+``create_diffusers_clip_model_from_ldm`` (what ``from_single_file`` of a pipeline calls) for the
+text encoders.
+
+What stays Raydiance's own, because diffusers cannot do it offline:
+
+- the component configs: diffusers fetches them from the hub, or reads a local folder that must
+  fit the file. Here they are read off the weights' shapes, the bundled SD1.5/SDXL configs
+  filling the rest (``pipeline.checkpoints.configs``), and written to a scratch folder that is
+  passed as ``config=``;
+- the tokenizers: diffusers fetches them; here OpenAI's CLIP vocabulary comes from the
+  ``openai-clip`` package, or the file carries its own (``pipeline.clip_tokenizer``);
+- the check that every weight landed: diffusers leaves a weight the file lacks on the meta device.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import json
+import logging
+import tempfile
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_clip_checkpoint,
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    convert_open_clip_checkpoint,
-)
+from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 from safetensors import safe_open
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipeline.checkpoints.configs import (
     assemble,
     clip_dimensions,
+    open_clip_dimensions,
     pooled_width,
     unet_dimensions,
     vae_dimensions,
@@ -50,36 +54,153 @@ from pipeline.checkpoints.layout import (
 )
 from pipeline.clip_tokenizer import clip_tokenizer, tokenizer_from_files
 from pipeline.configs import bundled_config
+from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import DiffusionModel, refuse_pickles, vae_dtype
+from pipeline.model import (
+    COMPONENTS,
+    Component,
+    DiffusionModel,
+    Family,
+    ModelDescription,
+    TextEncoders,
+)
+from pipeline.pickles import refuse_pickles
+
+# from_single_file ends with ``model.to(torch_dtype)``, on which diffusers 0.42 warns about the
+# modules to keep in fp32 even when there are none ("...: []"); the dtype is already right.
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
 
 Tensors = dict[str, torch.Tensor]
+ReadTensors = Callable[[str, torch.dtype], Tensors]  # (key prefix, dtype) -> that component's tensors
 
 
-def _build(component: str, make: Callable[[], torch.nn.Module], state_dict: Tensors,
-           device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    """``make()`` with empty weights, then the converted tensors assigned in; every weight must land.
+@dataclass(frozen=True)
+class CheckpointConfigs:
+    """What a checkpoint's header tells without a tensor read: family and the shared configs."""
 
-    Tensors take ``dtype`` before they are assigned (these modules have no floating buffers), so
-    nothing is copied twice and diffusers' ``to(dtype)`` warning does not fire.
-    """
-    with init_empty_weights():
-        module = make()
-    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
-    if missing or unexpected:
-        raise ModelLoadError(f"{component}: {len(missing)} weights missing (e.g. {missing[:3]}), "
-                             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    return module.to(device).eval().requires_grad_(False)
+    header: Header
+    family: Family
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    force_zeros_for_empty_prompt: bool
+
+    @property
+    def description(self) -> ModelDescription:
+        return ModelDescription.from_configs(self.family, self.unet, self.vae)
 
 
-def _fit_text_model(state_dict: Tensors, model_class: type) -> Tensors:
-    """Match the ``text_model.`` prefix to the class: transformers 5.6+ flattened ``CLIPTextModel``."""
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    if model_class is CLIPTextModel:
-        return {k.removeprefix("text_model."): v for k, v in state_dict.items()}
-    return {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
-            for k, v in state_dict.items()}
+def read_configs(path: Path) -> CheckpointConfigs:
+    """The file's family and UNet, VAE and scheduler configs, from its header alone."""
+    header = read_header(path)
+    family: Family = detect_family(header.shapes)  # type: ignore[assignment]
+    settings = header.settings
+    try:
+        unet = assemble(family, "unet", unet_dimensions(with_prefix(header.shapes, UNET),
+                                                        pooled_width(header.shapes)), settings)
+        vae = assemble(family, "vae", vae_dimensions(with_prefix(header.shapes, VAE)), settings)
+    except KeyError as error:  # a tensor the layout needs is not in the file
+        raise ModelLoadError(f"{path.name}: incomplete {family} checkpoint (no {error.args[0]!r})") from None
+    scheduler = dict(settings.get("scheduler") or bundled_config(family, "scheduler"))
+    if "v_pred" in header.shapes:  # ComfyUI's marker keys for v-prediction / zero-terminal-SNR models
+        scheduler["prediction_type"] = "v_prediction"
+    if "ztsnr" in header.shapes:
+        scheduler["rescale_betas_zero_snr"] = True
+    index = {**bundled_config(family, "model_index"), **settings.get("model_index", {})}
+    return CheckpointConfigs(header, family, unet, vae, scheduler,
+                             bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
+
+
+def load_checkpoint(path: str | Path, *, components: Collection[Component] = COMPONENTS,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    name: str | None = None) -> DiffusionModel:
+    """Load ``components`` of an SD1.5 or SDXL (Pony, Illustrious, ...) single-file checkpoint."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such checkpoint file")
+    refuse_pickles(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path.name}: a single-file checkpoint must be a .safetensors file")
+    configs = read_configs(path)
+    try:
+        loaded = _load_components(path, configs, components, device, dtype)
+    except KeyError as error:  # a tensor the key conversion needs is not in the file
+        raise ModelLoadError(f"{path.name}: incomplete {configs.family} checkpoint "
+                             f"(no {error.args[0]!r})") from None
+    return DiffusionModel(
+        name=name or path.stem, family=configs.family, unet_config=configs.unet,
+        vae_config=configs.vae, scheduler_config=configs.scheduler,
+        force_zeros_for_empty_prompt=configs.force_zeros_for_empty_prompt, loaded=loaded,
+        path=path, extra={"format": "single_file"},
+    )
+
+
+def _load_components(path: Path, configs: CheckpointConfigs, components: Collection[Component],
+                     device: torch.device | str, dtype: torch.dtype) -> dict[Component, Any]:
+    loaded: dict[Component, Any] = {}
+    with safe_open(path, framework="pt", device="cpu") as f, \
+            tempfile.TemporaryDirectory(prefix="raydiance-configs-") as folder:
+        scratch = Path(folder)
+
+        def read(prefix: str, to: torch.dtype) -> Tensors:
+            return {key: _cast(f.get_tensor(key), to) for key in configs.header.shapes if key.startswith(prefix)}
+
+        if "text_encoders" in components:
+            loaded["text_encoders"] = _text_encoders(configs, read, scratch, device, dtype)
+        if "unet" in components:
+            unet = _from_single_file(UNet2DConditionModel, "unet", configs.unet, read(UNET, dtype),
+                                     scratch, dtype)
+            loaded["unet"] = _placed("unet", unet, device)
+        if "vae" in components:
+            own_dtype = vae_dtype(configs.vae, dtype)
+            vae = _from_single_file(AutoencoderKL, "vae", configs.vae, read(VAE, own_dtype), scratch,
+                                    own_dtype)
+            loaded["vae"] = _placed("vae", vae, device)
+    return loaded
+
+
+def _from_single_file(model_class: type[ModelMixin], component: str, config: dict[str, Any],
+                      tensors: Tensors, scratch: Path, dtype: torch.dtype) -> ModelMixin:
+    """diffusers' ``from_single_file`` on one component's tensors, its config in ``scratch``."""
+    (scratch / component).mkdir()
+    (scratch / component / "config.json").write_text(json.dumps(config))
+    try:
+        return model_class.from_single_file(tensors, config=str(scratch), subfolder=component,
+                                            local_files_only=True, torch_dtype=dtype)
+    except NotImplementedError:  # "Cannot copy out of meta tensor": a weight the file lacks
+        raise ModelLoadError(f"{component}: weights missing from the file (the key conversion "
+                             "left some of the module's weights unset)") from None
+
+
+def _text_encoders(configs: CheckpointConfigs, read: ReadTensors, scratch: Path,
+                   device: torch.device | str, dtype: torch.dtype) -> TextEncoders:
+    """SD1.5's CLIP-L, or SDXL's CLIP-L and OpenCLIP bigG (with its pooled projection)."""
+    family, shapes, settings = configs.family, configs.header.shapes, configs.header.settings
+    parts = [("text_encoder", "tokenizer", CLIP_SD15 if family == "sd15" else CLIP_SDXL, CLIPTextModel,
+              clip_dimensions)]
+    if family == "sdxl":
+        parts.append(("text_encoder_2", "tokenizer_2", OPEN_CLIP_SDXL, CLIPTextModelWithProjection,
+                      open_clip_dimensions))
+    tokenizers, encoders = [], []
+    for part, tokenizer_name, prefix, model_class, dimensions in parts:
+        if model_class is CLIPTextModelWithProjection and prefix + "text_projection" not in shapes:
+            raise ModelLoadError(f"{part}: no {prefix}text_projection")
+        try:
+            config = CLIPTextConfig(**assemble(family, part, dimensions(with_prefix(shapes, prefix)), settings))
+        except KeyError as error:
+            raise ModelLoadError(f"incomplete {family} checkpoint (no {prefix}{error.args[0]})") from None
+        tokenizer = _tokenizer(family, tokenizer_name, settings)
+        if len(tokenizer) != config.vocab_size:
+            raise ModelLoadError(f"{part} has a {config.vocab_size}-token vocabulary, not CLIP's "
+                                 f"{len(tokenizer)}, and the file carries no tokenizer for it")
+        config.save_pretrained(scratch / part)
+        encoder = create_diffusers_clip_model_from_ldm(
+            model_class, read(prefix, dtype), subfolder=part, config=str(scratch), torch_dtype=dtype,
+            local_files_only=True)
+        tokenizers.append(tokenizer)
+        encoders.append(_placed(part, encoder, device))
+    return TextEncoders(tokenizers, encoders)
 
 
 def _tokenizer(family: str, name: str, settings: dict[str, Any]) -> CLIPTokenizer:
@@ -91,79 +212,13 @@ def _tokenizer(family: str, name: str, settings: dict[str, Any]) -> CLIPTokenize
     return clip_tokenizer(pad_token=bundled_config(family, name)["pad_token"])
 
 
-def _scheduler_config(family: str, header: Header, settings: dict[str, Any]) -> dict[str, Any]:
-    config = dict(settings.get("scheduler") or bundled_config(family, "scheduler"))
-    if "v_pred" in header.shapes:  # ComfyUI's marker keys for v-prediction / zero-terminal-SNR models
-        config["prediction_type"] = "v_prediction"
-    if "ztsnr" in header.shapes:
-        config["rescale_betas_zero_snr"] = True
-    return config
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, name: str | None = None) -> DiffusionModel:
-    """Load an SD1.5 or SDXL (Pony, Illustrious, ...) single-file ``.safetensors`` checkpoint."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such checkpoint file")
-    refuse_pickles(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"{path.name}: a single-file checkpoint must be a .safetensors file")
-    header = read_header(path)
-    family = detect_family(header.shapes)
-    try:
-        return _load(path, header, family, device, dtype, name)
-    except KeyError as error:  # a tensor the layout needs is not in the file
-        raise ModelLoadError(f"{path.name}: incomplete {family} checkpoint (no {error.args[0]!r})") from None
-
-
-def _load(path: Path, header: Header, family: str, device: torch.device | str, dtype: torch.dtype,
-          name: str | None) -> DiffusionModel:
-    settings = header.settings
-    with safe_open(path, framework="pt", device="cpu") as f:
-        def read(prefix: str) -> Tensors:
-            return {key: f.get_tensor(key) for key in header.shapes if key.startswith(prefix)}
-
-        tokenizers, encoders = [], []
-        encoder_parts = [("text_encoder", CLIP_SD15 if family == "sd15" else CLIP_SDXL, CLIPTextModel)]
-        if family == "sdxl":
-            encoder_parts.append(("text_encoder_2", OPEN_CLIP_SDXL, CLIPTextModelWithProjection))
-        for i, (part, prefix, model_class) in enumerate(encoder_parts):
-            tensors = read(prefix)
-            if model_class is CLIPTextModelWithProjection:
-                if prefix + "text_projection" not in tensors:
-                    raise ModelLoadError(f"{part}: no {prefix}text_projection")
-                state_dict = convert_open_clip_checkpoint(None, tensors, prefix=prefix)
-            else:
-                state_dict = convert_ldm_clip_checkpoint(tensors)
-            state_dict = _fit_text_model(state_dict, model_class)
-            del tensors
-            dims = clip_dimensions({k: tuple(v.shape) for k, v in state_dict.items()})
-            config = CLIPTextConfig(**assemble(family, part, dims, settings))
-            tokenizer = _tokenizer(family, "tokenizer" if i == 0 else "tokenizer_2", settings)
-            if len(tokenizer) != config.vocab_size:
-                raise ModelLoadError(f"{part} has a {config.vocab_size}-token vocabulary, not CLIP's "
-                                     f"{len(tokenizer)}, and the file carries no tokenizer for it")
-            tokenizers.append(tokenizer)
-            encoders.append(_build(part, functools.partial(model_class, config), state_dict, device, dtype))
-
-        unet_config = assemble(family, "unet",
-                               unet_dimensions(with_prefix(header.shapes, UNET), pooled_width(header.shapes)),
-                               settings)
-        state_dict = convert_ldm_unet_checkpoint(read(UNET), unet_config)
-        unet = _build("unet", lambda: UNet2DConditionModel.from_config(unet_config), state_dict, device, dtype)
-        del state_dict
-
-        vae_config = assemble(family, "vae", vae_dimensions(with_prefix(header.shapes, VAE)), settings)
-        state_dict = convert_ldm_vae_checkpoint(read(VAE), vae_config)
-        vae = _build("vae", lambda: AutoencoderKL.from_config(vae_config), state_dict, device,
-                     vae_dtype(vae_config, dtype))
-        del state_dict
-
-    index = {**bundled_config(family, "model_index"), **settings.get("model_index", {})}
-    return DiffusionModel(
-        name=name or path.stem, family=family, tokenizers=tokenizers, text_encoders=encoders,
-        unet=unet, vae=vae, scheduler_config=_scheduler_config(family, header, settings),
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")),
-        path=path, extra={"format": "single_file"},
-    )
+def _placed(component: str, module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """``module`` on ``device`` for inference, refused if a weight never came from the file."""
+    missing = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if missing:
+        raise ModelLoadError(f"{component}: {len(missing)} weights missing from the file (e.g. {missing[:3]})")
+    return for_inference(module, device)

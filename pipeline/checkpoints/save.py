@@ -25,7 +25,8 @@ from pipeline.checkpoints.layout import (
     VAE,
 )
 from pipeline.clip_tokenizer import VOCAB_SIZE, clip_vocabulary
-from pipeline.model import DiffusionModel, load_model
+from pipeline.diffusers_folder import load_folder
+from pipeline.model import DiffusionModel
 
 Tensors = dict[str, torch.Tensor]
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -187,7 +188,7 @@ def save_checkpoint(model: DiffusionModel | str | Path, path: str | Path, *,
     """Write ``model`` (or the diffusers folder at that path) as one ``.safetensors`` checkpoint
     in the original layout, its non-shape settings in the ``raydiance.config`` metadata."""
     if not isinstance(model, DiffusionModel):
-        model = load_model(model)
+        model = load_folder(Path(model))
     path = Path(path)
     state_dict = checkpoint_state_dict(model)
     if dtype is not None:

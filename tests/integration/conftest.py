@@ -43,16 +43,20 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 def model_folders(root: Path) -> tuple[Path, Path]:
     """A checkpoints folder holding the built-in model as one single-file checkpoint
-    (``tiny-single``), and a loras folder with two LoRAs in both formats (``a_kohya``,
-    ``a_peft``, ``b_kohya``, ``b_peft``), all made here."""
+    (``tiny-single``), a small random SD1.5 as a diffusers folder (``random-sd15``) and a small
+    random SDXL as a single file (``random-sdxl``); and a loras folder with two LoRAs in both
+    formats (``a_kohya``, ``a_peft``, ``b_kohya``, ``b_peft``), all made here."""
     from pipeline.checkpoints import save_checkpoint
-    from pipeline.model import load_model
-    from pipeline.random_models import write_lora_pair
+    from pipeline.loading import load_model
+    from pipeline.random_models import build_random_sd15, build_random_sdxl, write_lora_pair
 
     checkpoints, loras = root / "checkpoints", root / "loras"
     loras.mkdir(parents=True)
     model = load_model(MODEL_DIR)
     save_checkpoint(model, checkpoints / "tiny-single.safetensors")
+    build_random_sd15(checkpoints / "random-sd15", latent_size=16)
+    save_checkpoint(build_random_sdxl(root / "random-sdxl", latent_size=16),
+                    checkpoints / "random-sdxl.safetensors")
     write_lora_pair(model, loras, "a", seed=1)
     write_lora_pair(model, loras, "b", seed=2)
     return checkpoints, loras

@@ -62,10 +62,10 @@ def test_a_hit_returns_the_identical_conditioning(app, builtin_model):
     second hits, and both answers are exactly what a fresh encoding gives."""
     encoder = text_encoder()
     request = EncodeRequest("tiny-shapes", "a red circle on a blue background", "a cache test")
-    before = encoder.cache_stats.remote().result(timeout_s=30)
+    before = encoder.stats.remote().result(timeout_s=30)["embedding_cache"]
     first = encoder.encode.remote(request).result(timeout_s=60)
     second = encoder.encode.remote(request).result(timeout_s=60)
-    after = encoder.cache_stats.remote().result(timeout_s=30)
+    after = encoder.stats.remote().result(timeout_s=30)["embedding_cache"]
     assert after["entries"] == min(before["entries"] + 1, before["capacity"])
     assert (after["misses"], after["hits"]) == (before["misses"] + 1, before["hits"] + 1)
     (fresh,) = encode_prompts(builtin_model, [request.prompt], [request.negative_prompt])
@@ -80,10 +80,10 @@ def test_reconfigure_takes_the_user_config(app):
     encoder = text_encoder()
     try:
         encoder.reconfigure.remote({"embedding_cache_size": 5}).result(timeout_s=30)
-        assert encoder.cache_stats.remote().result(timeout_s=30)["capacity"] == 5
+        assert encoder.stats.remote().result(timeout_s=30)["embedding_cache"]["capacity"] == 5
         with pytest.raises(Exception, match="unknown key"):
             encoder.reconfigure.remote({"embedding_cache_sise": 5}).result(timeout_s=30)
         encoder.reconfigure.remote({}).result(timeout_s=30)
-        assert encoder.cache_stats.remote().result(timeout_s=30)["capacity"] == 5
+        assert encoder.stats.remote().result(timeout_s=30)["embedding_cache"]["capacity"] == 5
     finally:
         encoder.reconfigure.remote({"embedding_cache_size": DEFAULT_CACHE_SIZE}).result(timeout_s=30)

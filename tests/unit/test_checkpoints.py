@@ -18,7 +18,7 @@ from pipeline.conditioning import encode_prompts
 from pipeline.denoise import DenoiseParams
 from pipeline.errors import ModelLoadError, UnsafeWeightsError
 from pipeline.generate import generate
-from pipeline.model import describe_model, load_model
+from pipeline.loading import describe_model, load_model
 from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 PROMPT = "a red circle on a blue background"

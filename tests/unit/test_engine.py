@@ -107,18 +107,18 @@ def test_cancelled_request_stops_using_the_unet(builtin_model):
     assert record.job.step_index < 20
 
 
-def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_result(tmp_path):
+def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_result(builtin_model, tmp_path):
     from pipeline.library import LoraLibrary
     from pipeline.lora import AdapterManager
-    from pipeline.model import load_model
+    from pipeline.loading import load_model
     from pipeline.random_models import write_lora_pair
     from pipeline.tiny_shapes import MODEL_DIR
 
-    model = load_model(MODEL_DIR)  # its own copy: adapters change the module tree
-    write_lora_pair(model, tmp_path, "a", seed=1)
-    write_lora_pair(model, tmp_path, "b", seed=2)
-    manager = AdapterManager(model, LoraLibrary(tmp_path), parts=("unet",))
-    conditionings = encode_prompts(model, PROMPTS[:3], [None] * 3)
+    model = load_model(MODEL_DIR, components=("unet",))  # as a Denoiser holds it; adapters change it
+    write_lora_pair(builtin_model, tmp_path, "a", seed=1)
+    write_lora_pair(builtin_model, tmp_path, "b", seed=2)
+    manager = AdapterManager(model, LoraLibrary(tmp_path))
+    conditionings = encode_prompts(builtin_model, PROMPTS[:3], [None] * 3)
     sets = [(("a_peft", 1.0),), (("b_kohya", 0.7),), ()]
     requests = [EngineRequest(c, DenoiseParams(64, 64, steps=8, seed=5 + i), adapters=s)
                 for i, (c, s) in enumerate(zip(conditionings, sets))]

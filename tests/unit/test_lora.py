@@ -13,7 +13,7 @@ from pipeline.denoise import DenoiseParams, denoise
 from pipeline.errors import InvalidRequestError, NotFoundError
 from pipeline.library import CheckpointLibrary, LoraLibrary
 from pipeline.lora import AdapterManager, normalize_loras
-from pipeline.model import load_model
+from pipeline.loading import load_model
 from pipeline.random_models import write_lora_pair
 from pipeline.prompt_loras import parse_prompt_loras
 from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
@@ -93,10 +93,21 @@ def test_switching_sets_equals_fresh_loads_and_the_lru_evicts(fresh, lora_dir):
         manager.activate([("a_peft", 1.0), ("b_peft", 1.0), ("c_peft", 1.0)])
 
 
-def test_parts_limit_which_components_take_loras(lora_dir, baseline):
-    model = load_model(BUILTIN_MODEL)
-    AdapterManager(model, LoraLibrary(lora_dir), parts=("unet",)).activate([("a_kohya", 1.0)])
-    assert model.unet.peft_config and not getattr(model.text_encoders[0], "peft_config", None)
+def test_loras_go_into_the_components_the_model_holds(lora_dir, sdxl_folder, tmp_path):
+    unet_only = load_model(BUILTIN_MODEL, components=("unet",))
+    AdapterManager(unet_only, LoraLibrary(lora_dir)).activate([("a_kohya", 1.0)])
+    assert set(unet_only.unet.peft_config) == {"lora_1"}
+    text_only = load_model(BUILTIN_MODEL, components=("text_encoders",))
+    AdapterManager(text_only, LoraLibrary(lora_dir)).activate([("a_kohya", 1.0)])
+    assert set(text_only.text_encoders[0].peft_config) == {"lora_1"}
+    # SDXL's kohya UNet names are mapped with the UNet's config, which a text-encoding stage
+    # has without the UNet
+    reference = load_model(sdxl_folder)
+    write_lora_pair(reference, tmp_path, "xl", seed=4, unet_keys=lambda name: next(iter(
+        unet_to_ldm({name + ".weight": torch.zeros(1)}, reference.unet.config))).removesuffix(".weight"))
+    xl_text = load_model(sdxl_folder, components=("text_encoders",))
+    AdapterManager(xl_text, LoraLibrary(tmp_path)).activate([("xl_kohya", 1.0)])
+    assert all(set(e.peft_config) == {"lora_1"} for e in xl_text.text_encoders)
 
 
 def test_a_lora_that_does_not_fit_is_refused_and_the_model_still_works(fresh, lora_dir, baseline):

@@ -1,0 +1,41 @@
+"""What a process holds: each loaded component's tensor bytes, the process's RSS, CUDA memory.
+
+The split into stages is worth only what it saves, so every replica can say what it holds;
+these are the plain-torch measurements, the deployments report them.
+"""
+from __future__ import annotations
+
+import itertools
+import resource
+import sys
+
+import psutil
+import torch
+
+from pipeline.model import DiffusionModel
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers, a tensor shared between two names once."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())
+
+
+def component_bytes(model: DiffusionModel) -> dict[str, int]:
+    """Tensor bytes of each component ``model`` holds, by diffusers' component name."""
+    return {name: tensor_bytes(module) for name, module in model.modules().items()}
+
+
+def process_memory() -> dict[str, int | None]:
+    """This process's resident memory now and at its peak, and on CUDA torch's allocated bytes
+    now and at peak (None without CUDA)."""
+    rss = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "rss_bytes": rss,
+        "peak_rss_bytes": max(peak, rss),  # the kernel's peak lags a page or two behind
+        "cuda_allocated_bytes": torch.cuda.memory_allocated() if cuda else None,
+        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+    }
