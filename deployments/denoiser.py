@@ -16,13 +16,11 @@ from ray import serve
 
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineRequest
-from pipeline.lora import LoraSet
-from pipeline.model import DiffusionModel
 
 from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
-from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
-                                 placement_report, replica_stats)
+from deployments.replica import (ModelStore, TorchWorker, pin_torch_threads, placement_report,
+                                 replica_stats)
 from deployments.settings import DenoiserKnobs, StageSettings
 
 
@@ -33,11 +31,8 @@ class Denoiser:
         self.store = ModelStore(settings, TorchWorker(), components=("unet",))
         self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
-                                    activate_adapters=self._activate_loras)
+                                    activate_adapters=self.store.activate_loras)
         await self.store.start()
-
-    def _activate_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
-        activate_loras(self.store.adapters(model), model, loras)
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
         return await self._denoise(encoded, params)

@@ -11,7 +11,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+import ray
 import torch
+from ray import serve
 
 from pipeline.device import default_dtype, select_device
 from pipeline.errors import InvalidRequestError
@@ -97,8 +99,6 @@ class ModelStore:
 
     def __init__(self, settings: StageSettings, worker: TorchWorker,
                  components: tuple[Component, ...]) -> None:
-        from ray import serve
-
         self.settings = settings
         self.catalog = settings.catalog()
         self.worker = worker
@@ -141,9 +141,24 @@ class ModelStore:
         return {"models": self.held.bytes_by_model(),
                 "memory": {**process_memory(), "rss_at_start_bytes": self.rss_at_start}}
 
-    def adapters(self, model: DiffusionModel) -> AdapterManager | None:
-        """The model's LoRA adapters, in the components this stage holds (None when no
-        loras_dir is set); kept on the model, so they go when it goes."""
+    def activate_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
+        """Put ``loras`` on the model (on the torch thread), timing the loads of new ones; the
+        adapters' tensors count in the components that took them."""
+        manager = self._adapters(model)
+        if manager is None:
+            if loras:
+                raise InvalidRequestError("loras", "this server has no loras_dir configured")
+            return
+        if all(name in manager.loaded for name, _ in loras):
+            manager.activate(loras)
+            return
+        with LoadTimer(model.name, "lora"):
+            manager.activate(loras)
+        self.held.publish()
+
+    def _adapters(self, model: DiffusionModel) -> AdapterManager | None:
+        """The model's LoRA adapters (None when no loras_dir is set); kept on the model, so they
+        go when it goes."""
         if self.settings.loras_dir is None:
             return None
         manager = model.extra.get("adapters")
@@ -154,39 +169,21 @@ class ModelStore:
         return manager
 
 
-def activate_loras(manager: AdapterManager | None, model: DiffusionModel,
-                   loras: LoraSet) -> None:
-    """Put ``loras`` on the model (on the torch thread), timing the loads of new ones."""
-    if manager is None:
-        if loras:
-            raise InvalidRequestError("loras", "this server has no loras_dir configured")
-        return
-    missing = [name for name, _ in loras if name not in manager.loaded]
-    if not missing:
-        manager.activate(loras)
-        return
-    with LoadTimer(model.name, "lora"):
-        manager.activate(loras)
-
-
 def replica_stats(store: ModelStore) -> dict[str, Any]:
     """The part of every stage's ``stats()`` that is the same for all: which replica, what it holds."""
-    from ray import serve
-
     return {"replica": serve.get_replica_context().replica_id.unique_id, **store.memory_report()}
 
 
 def placement_report(store: ModelStore) -> dict[str, Any]:
     """What Ray handed this replica and what it runs on (the two differ on a fake GPU node): the
     device and dtype are those of the stage's own component, as loaded."""
-    import ray
-
     device, dtype = store.device, store.dtype
     models = store.held.models()
     if models:
         weight = next(next(iter(models[0].modules().values())).parameters())
         device, dtype = weight.device, weight.dtype
     return {
+        "replica": serve.get_replica_context().replica_id.unique_id,
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cuda_available": torch.cuda.is_available(),

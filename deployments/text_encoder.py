@@ -17,8 +17,8 @@ from pipeline.model import DiffusionModel
 
 from deployments import metrics
 from deployments.messages import Encoded, EncodeRequest
-from deployments.replica import (ModelStore, TorchWorker, activate_loras, pin_torch_threads,
-                                 placement_report, replica_stats)
+from deployments.replica import (ModelStore, TorchWorker, pin_torch_threads, placement_report,
+                                 replica_stats)
 from deployments.settings import BatchKnobs, StageSettings
 
 # SD1.5 conditioning is ~0.5 MB in fp32 and SDXL's ~1.3 MB in fp32 (half in fp16): 128 entries
@@ -132,7 +132,7 @@ class TextEncoder:
             request, model = items[indices[0]]
             name, requests = request.model, [items[i][0] for i in indices]
             try:
-                activate_loras(self.store.adapters(model), model, request.loras)
+                self.store.activate_loras(model, request.loras)
                 conditionings = encode_prompts(model, [r.prompt for r in requests],
                                                [r.negative_prompt for r in requests])
             except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to

@@ -1,0 +1,222 @@
+"""The GPU-cluster layout (cluster/serve_config.gpu.yaml) on a Ray cluster of several nodes.
+
+Four raylets on this machine (``ray.cluster_utils.Cluster``), shaped as the file's header says a
+real cluster is: a head with no CPUs for replicas, an aux node whose one (fake) GPU is advertised
+as ``aux_gpu``, and GPU nodes advertising ``unet_gpu`` per (fake) GPU. The shipped file is
+deployed with only what this machine needs changed (the built-in model, CPU torch, one HTTP
+proxy on loopback, autoscaling that reacts in seconds). Then: every replica is on the node the
+file puts it on (read from the replica itself), images are the in-process pipeline's, the
+Denoiser scales out on the GPU node under load, and when that node is removed mid-traffic Serve
+brings the Denoisers back on another GPU node; no request hangs, and requests succeed again.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from deployments.settings import PROJECT_ROOT  # noqa: E402
+from pipeline.cache_config import default_cache_config  # noqa: E402
+from pipeline.denoise import DenoiseParams  # noqa: E402
+from pipeline.generate import generate  # noqa: E402
+from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+
+from tests.integration.conftest import png_pixels  # noqa: E402
+
+CONFIG = PROJECT_ROOT / "cluster" / "serve_config.gpu.yaml"
+PROMPT = "a red circle on a blue background"
+CLIENT_TIMEOUT_S = 180.0  # a request taking longer than this counts as hung
+
+
+def cluster_config(port: int) -> dict:
+    """The shipped GPU-cluster config, changed only where this machine differs."""
+    config = yaml.safe_load(CONFIG.read_text())
+    # every fake node shares 127.0.0.1: one proxy (on the head), on a free loopback port
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    (app,) = config["applications"]
+    args = app["args"]
+    args.pop("checkpoints_dir")
+    args.pop("loras_dir")
+    # the built-in model; "auto": Ray hands out fake GPUs that torch cannot use
+    args.update(models={"tiny-shapes": str(MODEL_DIR)}, default_model="tiny-shapes", accelerator="auto",
+                limits={**args["limits"], "max_width": 256, "max_height": 256})
+    for deployment in app["deployments"]:
+        scaling = deployment.get("autoscaling_config")
+        if scaling:  # react in seconds rather than the production half-minute
+            scaling.update(upscale_delay_s=2, metrics_interval_s=1, look_back_period_s=4)
+        if deployment["name"] == "Denoiser":
+            scaling.update(max_replicas=2, target_ongoing_requests=4)
+    return config
+
+
+@dataclass
+class FakeCluster:
+    """The test cluster and its worker raylets (``ray._private.node.Node``, each with its node_id)."""
+
+    nodes: object  # ray.cluster_utils.Cluster
+    aux: object
+    gpu: object
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    # The nodes' workers import deployments/ whether or not the project is pip-installed.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        aux = nodes.add_node(num_cpus=6, num_gpus=1, resources={"aux_gpu": 1})
+        gpu = nodes.add_node(num_cpus=6, num_gpus=2, resources={"unet_gpu": 2})
+        ray.init(address=nodes.address)
+        nodes.wait_for_nodes(timeout=60)
+        yield FakeCluster(nodes, aux, gpu)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        nodes.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(cluster):
+    from deployments.local import deploy_config, free_port, wait_http
+
+    port = free_port()
+    deploy_config(cluster_config(port), timeout_s=300)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", timeout_s=60)
+    return url
+
+
+def placements(deployment: str, replicas: int, timeout_s: float = 120.0) -> dict[str, dict]:
+    """Replica id -> placement report, once ``deployment`` has exactly ``replicas`` running and
+    each of them has answered (idle replicas are picked at random: a few dozen calls reach all)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, "raydiance")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = running_replicas(deployment)
+        seen = {}
+        for _ in range(12 * replicas):
+            report = handle.placement.remote().result(timeout_s=30)
+            seen[report["replica"]] = report
+        if running == replicas == len(seen) == running_replicas(deployment):
+            return seen
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{deployment}: {running} running, {len(seen)} answered; wanted {replicas}")
+        time.sleep(1)
+
+
+def running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications["raydiance"].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def in_process_pixels(seed: int, steps: int) -> np.ndarray:
+    from pipeline.loading import load_model
+
+    params = DenoiseParams(64, 64, steps=steps, guidance_scale=5.0, seed=seed, sampler="Euler",
+                           cache=default_cache_config("sd15"))
+    return generate(load_model(MODEL_DIR), PROMPT, params).pixels
+
+
+@dataclass
+class Traffic:
+    """Clients sending requests until stopped; every outcome kept with when it started."""
+
+    url: str
+    clients: int
+    steps: int = 8
+    outcomes: list[tuple[float, int | str, float]] = field(default_factory=list)  # start, status, seconds
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> "Traffic":
+        self._pool = ThreadPoolExecutor(self.clients)
+        self._futures = [self._pool.submit(self._client, i) for i in range(self.clients)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for future in self._futures:
+            future.result(timeout=CLIENT_TIMEOUT_S + 30)
+        self._pool.shutdown()
+
+    def _client(self, index: int) -> None:
+        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
+            seed = index * 1000
+            while not self._stop.is_set():
+                seed += 1
+                start = time.monotonic()
+                try:
+                    response = client.post(f"{self.url}/v1/generate", json={
+                        "prompt": PROMPT, "seed": seed, "steps": self.steps})
+                    status: int | str = response.status_code
+                except httpx.TimeoutException:
+                    status = "timeout"
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                self.outcomes.append((start, status, time.monotonic() - start))
+
+    def successes_since(self, moment: float) -> int:
+        return sum(1 for start, status, _ in self.outcomes if start >= moment and status == 200)
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s:.0f}s: {what}")
+        time.sleep(0.5)
+
+
+def test_every_replica_lands_where_the_config_puts_it_and_draws_right(cluster, service):
+    for stage, node in [("TextEncoder", cluster.aux), ("VAEDecoder", cluster.aux), ("Denoiser", cluster.gpu)]:
+        (report,) = placements(stage, 1).values()
+        assert report["node_id"] == node.node_id, stage
+        assert report["gpu_ids"], stage  # Ray gave it (a share of) a GPU on that node
+        assert report["device"] == "cpu"  # ...which torch cannot see here
+
+    response = httpx.post(f"{service}/v1/generate", timeout=120, json={
+        "prompt": PROMPT, "seed": 3, "steps": 10, "guidance_scale": 5.0, "sampler": "Euler"})
+    assert response.status_code == 200, response.text
+    got = png_pixels(response.content).astype(int)
+    assert np.abs(got - in_process_pixels(3, 10).astype(int)).max() <= 1
+
+
+def test_the_denoiser_scales_out_on_the_gpu_node_under_load(cluster, service):
+    with Traffic(service, clients=12, steps=20):
+        reports = placements("Denoiser", 2, timeout_s=180)
+    assert {r["node_id"] for r in reports.values()} == {cluster.gpu.node_id}
+    assert len({g for r in reports.values() for g in r["gpu_ids"]}) == 2  # one whole card each
+
+
+def test_removing_the_gpu_node_mid_traffic_moves_the_denoisers_and_service_resumes(cluster, service):
+    replacement = cluster.nodes.add_node(num_cpus=6, num_gpus=2, resources={"unet_gpu": 2})
+    cluster.nodes.wait_for_nodes(timeout=60)
+    with Traffic(service, clients=4) as traffic:
+        wait_for(lambda: traffic.successes_since(0) >= 2, 120, "requests served before the removal")
+        removed_at = time.monotonic()
+        cluster.nodes.remove_node(cluster.gpu)
+        wait_for(lambda: traffic.successes_since(removed_at + 1) >= 3, 240,
+                 "requests served again after the GPU node was removed")
+    for report in placements("Denoiser", running_replicas("Denoiser")).values():
+        assert report["node_id"] == replacement.node_id
+    statuses = [status for _, status, _ in traffic.outcomes]
+    assert all(s == 200 or (isinstance(s, int) and s >= 500) for s in statuses), statuses  # answered
+    assert max(seconds for _, _, seconds in traffic.outcomes) < CLIENT_TIMEOUT_S
