@@ -31,7 +31,7 @@ from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
-from pipeline.model import DiffusionModel
+from pipeline.model import DiffusionModel, ModelConfigs
 
 NATIVE_SIZE = {"builtin": 64, "sd15": 512, "sdxl": 1024}
 GUIDANCE = 5.0
@@ -47,9 +47,9 @@ def random_full_size(family: str, device: torch.device, dtype: torch.dtype) -> D
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(bundled_config(family, "unet")).to(dtype).eval()
         vae = AutoencoderKL.from_config(bundled_config(family, "vae")).to(dtype).eval()
-    return DiffusionModel(f"random-{family}", family, unet_config=dict(unet.config),
-                          vae_config=dict(vae.config), scheduler_config=bundled_config(family, "scheduler"),
-                          loaded={"unet": unet, "vae": vae})
+    configs = ModelConfigs(family, dict(unet.config), dict(vae.config), bundled_config(family, "scheduler"),
+                           force_zeros_for_empty_prompt=family == "sdxl")
+    return DiffusionModel(f"random-{family}", configs, {"unet": unet, "vae": vae})
 
 
 def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]:

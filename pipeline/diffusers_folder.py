@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import COMPONENTS, Component, DiffusionModel, Family, ModelDescription, TextEncoders
+from pipeline.model import COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders
 
 _FAMILY_BY_PIPELINE: dict[str, Family] = {
     "StableDiffusionPipeline": "sd15",
@@ -31,26 +30,13 @@ _TEXT_ENCODER_CLASSES = {
 }
 
 
-@dataclass(frozen=True)
-class FolderConfigs:
-    """A folder's JSON files: what every stage knows of the model before any weight."""
-
-    index: dict[str, Any]
-    family: Family
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    scheduler: dict[str, Any]
-
-    @property
-    def description(self) -> ModelDescription:
-        return ModelDescription.from_configs(self.family, self.unet, self.vae)
-
-    @property
-    def force_zeros_for_empty_prompt(self) -> bool:
-        return bool(self.index.get("force_zeros_for_empty_prompt", self.family == "sdxl"))
+def read_configs(path: Path) -> ModelConfigs:
+    """The folder's family and UNet, VAE and scheduler configs, from its JSON files."""
+    return _read(path)[1]
 
 
-def read_configs(path: Path) -> FolderConfigs:
+def _read(path: Path) -> tuple[dict[str, Any], ModelConfigs]:
+    """``model_index.json`` (which names the text encoders' classes) and the configs."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
@@ -65,18 +51,19 @@ def read_configs(path: Path) -> FolderConfigs:
             raise ModelLoadError(f"{path.name}: incomplete {family} folder (no {relative})")
         return json.loads(file.read_text())
 
-    return FolderConfigs(index, family, read("unet/config.json"), read("vae/config.json"),
-                         read("scheduler/scheduler_config.json"))
+    force_zeros = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
+    return index, ModelConfigs(family, read("unet/config.json"), read("vae/config.json"),
+                               read("scheduler/scheduler_config.json"), force_zeros)
 
 
 def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 name: str | None = None) -> DiffusionModel:
     """Load ``components`` of an SD1.5 or SDXL diffusers folder."""
-    configs = read_configs(path)
+    index, configs = _read(path)
     loaded: dict[Component, Any] = {}
     if "text_encoders" in components:
-        loaded["text_encoders"] = _text_encoders(path, configs, device, dtype)
+        loaded["text_encoders"] = _text_encoders(path, index, configs.family, device, dtype)
     if "unet" in components:
         loaded["unet"] = for_inference(UNet2DConditionModel.from_pretrained(
             path, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dtype), device)
@@ -84,22 +71,18 @@ def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,
         loaded["vae"] = for_inference(AutoencoderKL.from_pretrained(
             path, subfolder="vae", local_files_only=True, use_safetensors=True,
             torch_dtype=vae_dtype(configs.vae, dtype)), device)
-    return DiffusionModel(
-        name=name or path.name, family=configs.family, unet_config=configs.unet,
-        vae_config=configs.vae, scheduler_config=configs.scheduler,
-        force_zeros_for_empty_prompt=configs.force_zeros_for_empty_prompt, loaded=loaded, path=path,
-    )
+    return DiffusionModel(name or path.name, configs, loaded, path)
 
 
-def _text_encoders(path: Path, configs: FolderConfigs, device: torch.device | str,
+def _text_encoders(path: Path, index: dict[str, Any], family: Family, device: torch.device | str,
                    dtype: torch.dtype) -> TextEncoders:
     names = [("tokenizer", "text_encoder")]
-    if configs.family == "sdxl":
+    if family == "sdxl":
         names.append(("tokenizer_2", "text_encoder_2"))
     tokenizers, encoders = [], []
     for tokenizer_name, encoder_name in names:
         tokenizers.append(CLIPTokenizer.from_pretrained(path / tokenizer_name, local_files_only=True))
-        encoder_class = _TEXT_ENCODER_CLASSES[configs.index[encoder_name][1]]
+        encoder_class = _TEXT_ENCODER_CLASSES[index[encoder_name][1]]
         encoders.append(for_inference(encoder_class.from_pretrained(
             path / encoder_name, local_files_only=True, use_safetensors=True, dtype=dtype), device))
     return TextEncoders(tokenizers, encoders)

@@ -41,6 +41,22 @@ class ModelDescription:
         return cls(family, int(unet_config["sample_size"]) * factor, factor)
 
 
+@dataclass(frozen=True)
+class ModelConfigs:
+    """What every stage knows of a model before any weight: its family and the small JSON configs
+    (from a folder's files or a checkpoint's header)."""
+
+    family: Family
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+    force_zeros_for_empty_prompt: bool
+
+    @property
+    def description(self) -> ModelDescription:
+        return ModelDescription.from_configs(self.family, self.unet, self.vae)
+
+
 @dataclass
 class TextEncoders:
     """The tokenizers and text encoders, one pair per encoder (SDXL: two, the second pooled)."""
@@ -54,14 +70,26 @@ class DiffusionModel:
     """One model's configs and the components this process loaded of it, each on its device."""
 
     name: str
-    family: Family
-    unet_config: dict[str, Any]
-    vae_config: dict[str, Any]
-    scheduler_config: dict[str, Any]
-    force_zeros_for_empty_prompt: bool = False
+    configs: ModelConfigs
     loaded: dict[Component, Any] = field(default_factory=dict)  # TextEncoders, UNet, VAE
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> Family:
+        return self.configs.family
+
+    @property
+    def unet_config(self) -> dict[str, Any]:
+        return self.configs.unet
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.configs.scheduler
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return self.configs.force_zeros_for_empty_prompt
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -106,18 +134,14 @@ class DiffusionModel:
         return modules
 
     @property
-    def description(self) -> ModelDescription:
-        return ModelDescription.from_configs(self.family, self.unet_config, self.vae_config)
-
-    @property
     def vae_scale_factor(self) -> int:
-        return self.description.vae_scale_factor
+        return self.configs.description.vae_scale_factor
 
     @property
     def native_size(self) -> int:
         """The side in pixels the model was trained at (64 tiny-shapes, 512 SD1.5, 1024 SDXL)."""
-        return self.description.native_size
+        return self.configs.description.native_size
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet_config["in_channels"])
+        return int(self.configs.unet["in_channels"])

@@ -18,4 +18,4 @@ __all__ = ["METADATA_KEY", "describe_checkpoint", "load_checkpoint", "save_check
 
 def describe_checkpoint(path: str | Path) -> ModelDescription:
     """Family, native size and VAE scale from the file's header alone."""
-    return read_configs(Path(path)).description
+    return read_configs(Path(path))[1].description

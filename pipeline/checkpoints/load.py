@@ -23,7 +23,6 @@ import json
 import logging
 import tempfile
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,14 +55,7 @@ from pipeline.clip_tokenizer import clip_tokenizer, tokenizer_from_files
 from pipeline.configs import bundled_config
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import (
-    COMPONENTS,
-    Component,
-    DiffusionModel,
-    Family,
-    ModelDescription,
-    TextEncoders,
-)
+from pipeline.model import COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders
 from pipeline.pickles import refuse_pickles
 
 # from_single_file ends with ``model.to(torch_dtype)``, on which diffusers 0.42 warns about the
@@ -75,24 +67,8 @@ Tensors = dict[str, torch.Tensor]
 ReadTensors = Callable[[str, torch.dtype], Tensors]  # (key prefix, dtype) -> that component's tensors
 
 
-@dataclass(frozen=True)
-class CheckpointConfigs:
-    """What a checkpoint's header tells without a tensor read: family and the shared configs."""
-
-    header: Header
-    family: Family
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    scheduler: dict[str, Any]
-    force_zeros_for_empty_prompt: bool
-
-    @property
-    def description(self) -> ModelDescription:
-        return ModelDescription.from_configs(self.family, self.unet, self.vae)
-
-
-def read_configs(path: Path) -> CheckpointConfigs:
-    """The file's family and UNet, VAE and scheduler configs, from its header alone."""
+def read_configs(path: Path) -> tuple[Header, ModelConfigs]:
+    """The file's header, and its family and UNet, VAE and scheduler configs from it alone."""
     header = read_header(path)
     family: Family = detect_family(header.shapes)  # type: ignore[assignment]
     settings = header.settings
@@ -108,8 +84,8 @@ def read_configs(path: Path) -> CheckpointConfigs:
     if "ztsnr" in header.shapes:
         scheduler["rescale_betas_zero_snr"] = True
     index = {**bundled_config(family, "model_index"), **settings.get("model_index", {})}
-    return CheckpointConfigs(header, family, unet, vae, scheduler,
-                             bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
+    return header, ModelConfigs(family, unet, vae, scheduler,
+                                bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
 
 
 def load_checkpoint(path: str | Path, *, components: Collection[Component] = COMPONENTS,
@@ -122,32 +98,28 @@ def load_checkpoint(path: str | Path, *, components: Collection[Component] = COM
     refuse_pickles(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name}: a single-file checkpoint must be a .safetensors file")
-    configs = read_configs(path)
+    header, configs = read_configs(path)
     try:
-        loaded = _load_components(path, configs, components, device, dtype)
+        loaded = _load_components(path, header, configs, components, device, dtype)
     except KeyError as error:  # a tensor the key conversion needs is not in the file
         raise ModelLoadError(f"{path.name}: incomplete {configs.family} checkpoint "
                              f"(no {error.args[0]!r})") from None
-    return DiffusionModel(
-        name=name or path.stem, family=configs.family, unet_config=configs.unet,
-        vae_config=configs.vae, scheduler_config=configs.scheduler,
-        force_zeros_for_empty_prompt=configs.force_zeros_for_empty_prompt, loaded=loaded,
-        path=path, extra={"format": "single_file"},
-    )
+    return DiffusionModel(name or path.stem, configs, loaded, path, extra={"format": "single_file"})
 
 
-def _load_components(path: Path, configs: CheckpointConfigs, components: Collection[Component],
-                     device: torch.device | str, dtype: torch.dtype) -> dict[Component, Any]:
+def _load_components(path: Path, header: Header, configs: ModelConfigs,
+                     components: Collection[Component], device: torch.device | str,
+                     dtype: torch.dtype) -> dict[Component, Any]:
     loaded: dict[Component, Any] = {}
     with safe_open(path, framework="pt", device="cpu") as f, \
             tempfile.TemporaryDirectory(prefix="raydiance-configs-") as folder:
         scratch = Path(folder)
 
         def read(prefix: str, to: torch.dtype) -> Tensors:
-            return {key: _cast(f.get_tensor(key), to) for key in configs.header.shapes if key.startswith(prefix)}
+            return {key: _cast(f.get_tensor(key), to) for key in header.shapes if key.startswith(prefix)}
 
         if "text_encoders" in components:
-            loaded["text_encoders"] = _text_encoders(configs, read, scratch, device, dtype)
+            loaded["text_encoders"] = _text_encoders(header, configs.family, read, scratch, device, dtype)
         if "unet" in components:
             unet = _from_single_file(UNet2DConditionModel, "unet", configs.unet, read(UNET, dtype),
                                      scratch, dtype)
@@ -173,10 +145,10 @@ def _from_single_file(model_class: type[ModelMixin], component: str, config: dic
                              "left some of the module's weights unset)") from None
 
 
-def _text_encoders(configs: CheckpointConfigs, read: ReadTensors, scratch: Path,
+def _text_encoders(header: Header, family: Family, read: ReadTensors, scratch: Path,
                    device: torch.device | str, dtype: torch.dtype) -> TextEncoders:
     """SD1.5's CLIP-L, or SDXL's CLIP-L and OpenCLIP bigG (with its pooled projection)."""
-    family, shapes, settings = configs.family, configs.header.shapes, configs.header.settings
+    shapes, settings = header.shapes, header.settings
     parts = [("text_encoder", "tokenizer", CLIP_SD15 if family == "sd15" else CLIP_SDXL, CLIPTextModel,
               clip_dimensions)]
     if family == "sdxl":
