@@ -25,31 +25,23 @@ import time
 import torch
 from tqdm import tqdm
 
+from bench.full_size import random_model
 from bench.report import markdown_table, record, save_figure
 from pipeline.cache_config import default_cache_config
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
-from pipeline.model import DiffusionModel, ModelConfigs
+from pipeline.model import DiffusionModel
 
 NATIVE_SIZE = {"builtin": 64, "sd15": 512, "sdxl": 1024}
 GUIDANCE = 5.0
 
 
 def random_full_size(family: str, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
-    """SD1.5 or SDXL base's UNet and VAE at full size, random weights, built on ``device``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from pipeline.configs import bundled_config
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(bundled_config(family, "unet")).to(dtype).eval()
-        vae = AutoencoderKL.from_config(bundled_config(family, "vae")).to(dtype).eval()
-    configs = ModelConfigs(family, dict(unet.config), dict(vae.config), bundled_config(family, "scheduler"),
-                           force_zeros_for_empty_prompt=family == "sdxl")
-    return DiffusionModel(f"random-{family}", configs, {"unet": unet, "vae": vae})
+    """SD1.5 or SDXL base's UNet and VAE at full size, random weights, built on ``device`` in
+    ``dtype`` (``bench.full_size``, the one way benchmarks build a full-size model)."""
+    return random_model(family, ("unet", "vae"), device, dtype)
 
 
 def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]:

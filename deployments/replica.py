@@ -20,7 +20,7 @@ from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
 from pipeline.loading import load_model
 from pipeline.lora import AdapterManager, LoraSet
-from pipeline.memory import component_bytes, process_memory
+from pipeline.memory import component_bytes, process_memory, release_freed_memory
 from pipeline.model import Component, DiffusionModel
 
 from deployments import metrics
@@ -43,14 +43,26 @@ class TorchWorker:
     """One thread that runs this replica's blocking torch work, off the event loop.
 
     One thread, not a pool: work queues in order, and a replica never runs two forwards at once
-    on the cores Ray gave it.
+    on the cores Ray gave it. When the last queued piece of work is done, the memory it freed
+    goes back to the OS, so an idle replica holds its weights and not its last batch.
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self._pending = 0  # calls queued or running; touched on the event loop only
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        finally:
+            self._pending -= 1
+            if self._pending == 0:
+                self._pool.submit(self._release_if_idle)
+
+    def _release_if_idle(self) -> None:
+        if self._pending == 0:  # work that came in meanwhile would only allocate it again
+            release_freed_memory()
 
 
 class HeldModels:
@@ -169,9 +181,13 @@ class ModelStore:
         return manager
 
 
+def replica_id() -> str:
+    return serve.get_replica_context().replica_id.unique_id
+
+
 def replica_stats(store: ModelStore) -> dict[str, Any]:
     """The part of every stage's ``stats()`` that is the same for all: which replica, what it holds."""
-    return {"replica": serve.get_replica_context().replica_id.unique_id, **store.memory_report()}
+    return {"replica": replica_id(), **store.memory_report()}
 
 
 def placement_report(store: ModelStore) -> dict[str, Any]:
@@ -183,7 +199,7 @@ def placement_report(store: ModelStore) -> dict[str, Any]:
         weight = next(next(iter(models[0].modules().values())).parameters())
         device, dtype = weight.device, weight.dtype
     return {
-        "replica": serve.get_replica_context().replica_id.unique_id,
+        "replica": replica_id(),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "cuda_available": torch.cuda.is_available(),

@@ -5,7 +5,9 @@ these are the plain-torch measurements, the deployments report them.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
+import platform
 import resource
 import sys
 
@@ -13,6 +15,8 @@ import psutil
 import torch
 
 from pipeline.model import DiffusionModel
+
+_LIBC = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -39,3 +43,15 @@ def process_memory() -> dict[str, int | None]:
         "cuda_allocated_bytes": torch.cuda.memory_allocated() if cuda else None,
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
     }
+
+
+def release_freed_memory() -> None:
+    """Give the heap's freed pages back to the OS (glibc only; elsewhere nothing to do).
+
+    After one large block is freed, glibc serves allocations under 32 MB from its heap and keeps
+    them when freed: a replica's RSS then carries its last forward's activations for good
+    (measured: a VAE replica at 1.7x its weights after one 256 px decode, 1.1x after this).
+    Call it when a replica runs out of work: it costs ~10 ms, and the next forward ~3%.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

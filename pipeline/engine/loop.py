@@ -11,6 +11,7 @@ from pipeline.denoise import DenoiseJob
 from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
 from pipeline.engine.runner import ActivateAdapters, StepReport, run_step
 from pipeline.engine.scheduler import pick_step_group
+from pipeline.memory import release_freed_memory
 from pipeline.model import DiffusionModel
 
 
@@ -63,6 +64,7 @@ class DenoiseEngine:
         self.rows = 0  # UNet rows run, over all forwards (rows / forwards: the mean batch)
         self.busy_s = 0.0  # seconds spent in forwards (busy_s / uptime: the UNet's utilisation)
         self.cancelled = 0  # requests dropped because their caller went away
+        self._worked = False  # forwards ran since the engine last went idle
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
         self._task: asyncio.Task | None = None
@@ -102,9 +104,14 @@ class DenoiseEngine:
         self._drop_cancelled()
         group = pick_step_group(self.active, self.max_batch_rows)
         if not group:
+            if self._worked:  # out of work: the freed activations go back to the OS
+                self._worked = False
+                await loop.run_in_executor(self._executor, release_freed_memory)
+                return  # a request may have come in meanwhile
             self._wake.clear()
             await self._wake.wait()
             return
+        self._worked = True
         now = time.perf_counter()
         for request in group:
             request.started = request.started or now
