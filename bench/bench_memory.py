@@ -49,7 +49,8 @@ from pipeline.denoise import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.images import encode_png  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402
-from pipeline.memory import component_bytes, process_memory, release_freed_memory  # noqa: E402
+from pipeline.memory import (IDLE_BEFORE_RELEASE_S, component_bytes, process_memory,  # noqa: E402
+                             release_freed_memory)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CPUS = 2
@@ -234,6 +235,7 @@ def serve_and_measure(family: str, model_format: str, app: str, path: Path, size
             request_s = time.perf_counter() - start
             bar.update()
             bar.set_description(f"{family} {model_format} {app}: {steps_done[2]}")
+            time.sleep(IDLE_BEFORE_RELEASE_S + 1.0)  # an idle replica: freed activations given back
             replicas = [Replica.from_stats(WHOLE if stage == "WholeModel" else stage,
                                            serve.get_deployment_handle(stage, app_name=application["name"])
                                            .stats.remote().result(timeout_s=CALL_TIMEOUT_S))
@@ -345,7 +347,10 @@ def main() -> None:
            f"disk as a diffusers folder and as one single-file checkpoint), served in fp32 on this "
            f"{total:.0f} GB machine's CPUs, one replica per stage, each run in a fresh Ray; one "
            f"{args.size}x{args.size} image, {args.steps} Euler steps, guidance {GUIDANCE}, First Block "
-           f"Cache off, sent over HTTP before reading each replica's `stats()`. "
+           f"Cache off, sent over HTTP; each replica's `stats()` is read once it has been idle "
+           "longer than `IDLE_BEFORE_RELEASE_S`, when it has given the memory its forwards freed "
+           "back to the OS (`pipeline.memory.release_freed_memory`; the whole-pipeline baseline "
+           "does the same after its image). "
            "The Ingress replica holds no model and is not listed. Bare: the replica process before "
            "it loads any model (Python, torch, diffusers, transformers, Ray), "
            "`rss_at_start_bytes`; RSS over bare is what loading the model and "

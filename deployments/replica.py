@@ -20,7 +20,8 @@ from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
 from pipeline.loading import load_model
 from pipeline.lora import AdapterManager, LoraSet
-from pipeline.memory import component_bytes, process_memory, release_freed_memory
+from pipeline.memory import (IDLE_BEFORE_RELEASE_S, component_bytes, process_memory,
+                             release_freed_memory)
 from pipeline.model import Component, DiffusionModel
 
 from deployments import metrics
@@ -52,17 +53,18 @@ class TorchWorker:
         self._pending = 0  # calls queued or running; touched on the event loop only
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
         self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
         finally:
             self._pending -= 1
             if self._pending == 0:
-                self._pool.submit(self._release_if_idle)
+                loop.call_later(IDLE_BEFORE_RELEASE_S, self._release_if_idle)
 
     def _release_if_idle(self) -> None:
-        if self._pending == 0:  # work that came in meanwhile would only allocate it again
-            release_freed_memory()
+        if self._pending == 0:  # still idle: work that came in would only allocate it again
+            self._pool.submit(release_freed_memory)
 
 
 class HeldModels:

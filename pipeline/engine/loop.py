@@ -11,7 +11,7 @@ from pipeline.denoise import DenoiseJob
 from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
 from pipeline.engine.runner import ActivateAdapters, StepReport, run_step
 from pipeline.engine.scheduler import pick_step_group
-from pipeline.memory import release_freed_memory
+from pipeline.memory import IDLE_BEFORE_RELEASE_S, release_freed_memory
 from pipeline.model import DiffusionModel
 
 
@@ -104,11 +104,14 @@ class DenoiseEngine:
         self._drop_cancelled()
         group = pick_step_group(self.active, self.max_batch_rows)
         if not group:
-            if self._worked:  # out of work: the freed activations go back to the OS
-                self._worked = False
-                await loop.run_in_executor(self._executor, release_freed_memory)
-                return  # a request may have come in meanwhile
             self._wake.clear()
+            if self._worked:  # out of work for a while: the freed activations go back to the OS
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_BEFORE_RELEASE_S)
+                except asyncio.TimeoutError:
+                    self._worked = False
+                    await loop.run_in_executor(self._executor, release_freed_memory)
+                return
             await self._wake.wait()
             return
         self._worked = True
