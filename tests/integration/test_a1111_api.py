@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -49,7 +50,12 @@ def test_txt2img_seed_sampler_scheduler_and_override(service):
     assert info["sampler_name"] == "DPM++ 2M Karras"
     assert result["parameters"]["seed"] == 42
     again = service.client.post("/sdapi/v1/txt2img", json=body).json()
-    assert again["images"] == result["images"]
+    # The request's two images may share their forwards differently the second time (the
+    # embedding cache answers faster, so the second image can join the first a step earlier or
+    # later); the engine's batches change only the last bits, never a pixel by more than 1.
+    for first, second in zip(result["images"], again["images"], strict=True):
+        first, second = (png_pixels(base64.b64decode(i)).astype(int) for i in (first, second))
+        assert np.abs(first - second).max() <= 1
 
 
 def test_read_endpoints(service):
