@@ -30,6 +30,7 @@ from deployments.settings import PROJECT_ROOT  # noqa: E402
 from pipeline.cache_config import default_cache_config  # noqa: E402
 from pipeline.denoise import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
+from pipeline.loading import load_model  # noqa: E402
 from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
 
 from tests.integration.conftest import png_pixels  # noqa: E402
@@ -134,8 +135,6 @@ def running_replicas(deployment: str) -> int:
 
 
 def in_process_pixels(seed: int, steps: int) -> np.ndarray:
-    from pipeline.loading import load_model
-
     params = DenoiseParams(64, 64, steps=steps, guidance_scale=5.0, seed=seed, sampler="Euler",
                            cache=default_cache_config("sd15"))
     return generate(load_model(MODEL_DIR), PROMPT, params).pixels
