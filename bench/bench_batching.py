@@ -29,8 +29,8 @@ from ray import serve  # noqa: E402
 
 from bench.bench_dag import NO_CACHE, RAY_CPUS, app, start_ray, throughput  # noqa: E402
 from bench.report import markdown_table, record, save_figure  # noqa: E402
-from pipeline.cache_config import default_cache_config  # noqa: E402
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+from pipeline.unet.cache_config import default_cache_config  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 # series: (app route, extra request fields); the whole-pipeline app ignores the cache field
 SERIES = {"engine batching": ("batched", NO_CACHE), "engine batching, cache on": ("batched", {}),
@@ -55,7 +55,7 @@ def main() -> None:
 
     import ray
 
-    from deployments.local import deploy_config, free_port, wait_http
+    from tools.local_serve import deploy_config, free_port, wait_http
 
     start_ray(3 * RAY_CPUS)  # three apps
     port = free_port()

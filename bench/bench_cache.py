@@ -34,17 +34,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from bench.report import markdown_table, record, save_figure
-from pipeline.cache_config import CacheConfig, default_cache_config
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseJob, DenoiseParams
 from pipeline.first_block_cache import forward_unet_cached
 from pipeline.loading import load_model
 from pipeline.model import DiffusionModel
-from pipeline.random_models import build_random_sd15, build_random_sdxl
+from tools.random_models import build_random_sd15, build_random_sdxl
 from pipeline.samplers import make_scheduler
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
-from pipeline.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
+from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
+from tools.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
 from pipeline.unet_parts import run_head, run_out, run_tail
 
 GUIDANCE = 5.0
@@ -55,7 +55,7 @@ PSNR_CAP = 100.0  # identical images: report 100 dB rather than infinity
 class Variant:
     name: str
     mode: str  # "none" | "residual" | "reuse" | "deepcache"
-    config: CacheConfig | None = None
+    config: FirstBlockCacheConfig | None = None
     interval: int = 0  # DeepCache's cache_interval
 
 
@@ -216,12 +216,12 @@ def random_prompts(count: int) -> list[tuple[str, None]]:
 
 
 def make_variants(thresholds: list[float], modes: list[str], deepcache: list[int],
-                  default: CacheConfig) -> list[Variant]:
+                  default: FirstBlockCacheConfig) -> list[Variant]:
     """No cache; each mode with WaveSpeed's window (whole schedule, no run limit); the default's
     mode with the default's window and run limit; the default itself; DeepCache."""
     variants = [Variant("no cache", "none")]
     for mode in modes:
-        variants += [Variant(f"FBC {mode} {t:g}", mode, CacheConfig(threshold=t, mode=mode))
+        variants += [Variant(f"FBC {mode} {t:g}", mode, FirstBlockCacheConfig(threshold=t, mode=mode))
                      for t in thresholds]
     limited = f"start {default.start:g}, max {default.max_consecutive_hits} hits"
     variants += [Variant(f"FBC {default.mode} {t:g} ({limited})", default.mode,

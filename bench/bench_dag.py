@@ -35,8 +35,8 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.report import markdown_table, record, save_figure  # noqa: E402
 from pipeline.denoise import DenoiseParams  # noqa: E402
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
-from pipeline.tiny_shapes.world import TRAIN_SCENES  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.tiny_shapes.world import TRAIN_SCENES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CPUS = 2
@@ -164,7 +164,7 @@ def main() -> None:
 
     import ray
 
-    from deployments.local import deploy_config, free_port, wait_http
+    from tools.local_serve import deploy_config, free_port, wait_http
 
     # Both apps stay deployed, each with RAY_CPUS of Ray resources, and take turns, so that
     # whatever else the machine does hits both alike; the idle one costs next to nothing.

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from bench.full_size import random_model
 from bench.report import markdown_table, record, save_figure
-from pipeline.cache_config import default_cache_config
+from pipeline.unet.cache_config import default_cache_config
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
@@ -61,8 +61,8 @@ def random_conditioning(model: DiffusionModel, count: int) -> list[Conditioning]
 def builtin(device: torch.device, dtype: torch.dtype, count: int) -> tuple[DiffusionModel, list[Conditioning]]:
     from pipeline.conditioning import encode_prompts
     from pipeline.loading import load_model
-    from pipeline.tiny_shapes import MODEL_DIR
-    from pipeline.tiny_shapes.world import TRAIN_SCENES
+    from tools.tiny_shapes import MODEL_DIR
+    from tools.tiny_shapes.world import TRAIN_SCENES
 
     model = load_model(MODEL_DIR, device=device, dtype=dtype)
     prompts = [TRAIN_SCENES[i % len(TRAIN_SCENES)].prompt for i in range(count)]

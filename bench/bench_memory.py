@@ -195,7 +195,7 @@ def serve_and_measure(family: str, model_format: str, app: str, path: Path, size
     HTTP, read each model-holding replica's stats, shut everything down."""
     import ray
 
-    from deployments.local import deploy_config, free_port, wait_http
+    from tools.local_serve import deploy_config, free_port, wait_http
 
     name = f"random-{family}"
     port = free_port()

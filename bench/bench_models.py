@@ -33,15 +33,15 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.bench_dag import NO_CACHE, app, body, start_ray  # noqa: E402
 from bench.report import markdown_table, record, save_figure  # noqa: E402
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 SPREADS = (0, 1, 2, 4)  # LoRAs the requests are spread over (0: none)
 
 
 def make_library(root: Path, models: int, loras: int) -> tuple[Path, Path]:
-    from pipeline.checkpoints import save_checkpoint
+    from tools.checkpoint_writer import save_checkpoint
     from pipeline.loading import load_model
-    from pipeline.random_models import write_lora_pair
+    from tools.random_models import write_lora_pair
 
     checkpoints, lora_dir = root / "checkpoints", root / "loras"
     lora_dir.mkdir(parents=True)
@@ -92,7 +92,7 @@ def main() -> None:
 
     import ray
 
-    from deployments.local import deploy_config, free_port, wait_http
+    from tools.local_serve import deploy_config, free_port, wait_http
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints, loras = make_library(Path(tmp), models=2, loras=2 * args.repeats + 2)

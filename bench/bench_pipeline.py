@@ -20,8 +20,8 @@ from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 from pipeline.loading import load_model
 from pipeline.samplers import make_scheduler
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
-from pipeline.tiny_shapes.world import TRAIN_SCENES
+from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
+from tools.tiny_shapes.world import TRAIN_SCENES
 
 
 def main() -> None:

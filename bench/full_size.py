@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bench.report import OUT_DIR
-from pipeline.checkpoints import save_checkpoint
+from tools.checkpoint_writer import save_checkpoint
 from pipeline.clip_tokenizer import clip_tokenizer
 from pipeline.configs import bundled_config
 from pipeline.device import for_inference, vae_dtype

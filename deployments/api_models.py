@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.cache_config import CacheConfig, default_cache_config
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError
 from pipeline.library import LoraLibrary
 from pipeline.lora import LoraSet, normalize_loras
@@ -20,7 +20,7 @@ from pipeline.prompt_loras import parse_prompt_loras
 from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, canonical_sampler_name
 from pipeline.seeds import MAX_SEED, resolve_seed
 
-from deployments.catalog import ModelCatalog
+from pipeline.library import ModelCatalog
 from deployments.settings import Limits
 
 SIZE_MULTIPLE = 8
@@ -192,7 +192,7 @@ class Resolved:
     sampler: str
     model: str
     count: int
-    cache: CacheConfig
+    cache: FirstBlockCacheConfig
     loras: LoraSet = ()
 
     def infotext(self, seed: int) -> str:

@@ -5,16 +5,16 @@ Kept apart from ``app.py`` so that replicas import the settings without importin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL_DIR
+from pipeline.library import ModelCatalog
 
-if TYPE_CHECKING:  # the catalog imports the model loaders; replicas import it when they need it
-    from deployments.catalog import ModelCatalog
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_MODEL_DIR = PROJECT_ROOT / "models" / "tiny-shapes"
+"""The built-in model (tiny-shapes) in a source checkout (installed with ``pip install -e``)."""
 STAGES = ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder")
 
 
@@ -132,8 +132,6 @@ class StageSettings(_Strict):
     max_loras_per_model: PositiveInt = 8
 
     def catalog(self) -> ModelCatalog:
-        from deployments.catalog import ModelCatalog
-
         return ModelCatalog(self.model_paths, self.checkpoints_dir)
 
 

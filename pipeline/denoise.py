@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.cache_config import CacheConfig
+from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.conditioning import Conditioning
 from pipeline.errors import InvalidRequestError
 from pipeline.model import DiffusionModel
@@ -30,7 +30,7 @@ class DenoiseParams:
     guidance_scale: float = 5.0
     seed: int = 0
     sampler: str = DEFAULT_SAMPLER
-    cache: CacheConfig | None = None  # First Block Cache; None: off (the API fills family defaults)
+    cache: FirstBlockCacheConfig | None = None  # First Block Cache; None: off (the API fills family defaults)
 
 
 @dataclass

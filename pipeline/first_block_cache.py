@@ -5,7 +5,7 @@ and attention). Each request then compares its head residual with the one from i
 computed step, ``diff = mean|r - r_prev| / mean|r_prev|`` over its cond and uncond rows together,
 and skips the rest of the UNet when ``diff < threshold`` (inside its window, under its run limit).
 The tail runs only for the rows of requests that missed (gather, run, scatter); a hit is
-approximated from the request's last computed step (``CacheConfig.mode``). Because nothing is
+approximated from the request's last computed step (``FirstBlockCacheConfig.mode``). Because nothing is
 decided over the batch, a request gets the same decisions alone or among others (up to the
 last-bit differences of a batched forward, ~1e-6, against thresholds of ~0.1).
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
-from pipeline.cache_config import CacheConfig
+from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.denoise import UNetRows, forward_unet
 from pipeline.model import DiffusionModel
 from pipeline.unet_parts import Head, check_supported, run_head, run_out, run_tail
@@ -38,7 +38,7 @@ from pipeline.unet_parts import Head, check_supported, run_head, run_out, run_ta
 class CacheState:
     """One request's cache: its reference from its last computed step and its counters."""
 
-    def __init__(self, config: CacheConfig, total_steps: int) -> None:
+    def __init__(self, config: FirstBlockCacheConfig, total_steps: int) -> None:
         self.config = config
         self.total_steps = total_steps
         self.step_index = 0  # forwards seen so far: the step the next forward is for

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # two busy cores: one torch thread per process runs fastest
 
 REPO = Path(__file__).resolve().parents[1]
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def builtin_model():
 
 @pytest.fixture(scope="session")
 def sdxl_folder(tmp_path_factory) -> Path:
-    from pipeline.random_models import build_random_sdxl
+    from tools.random_models import build_random_sdxl
 
     return build_random_sdxl(tmp_path_factory.mktemp("random-sdxl"), latent_size=16)
 

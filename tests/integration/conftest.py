@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 APP_NAME = "raydiance"
 LIMITS = {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4,
@@ -46,9 +46,9 @@ def model_folders(root: Path) -> tuple[Path, Path]:
     (``tiny-single``), a small random SD1.5 as a diffusers folder (``random-sd15``) and a small
     random SDXL as a single file (``random-sdxl``); and a loras folder with two LoRAs in both
     formats (``a_kohya``, ``a_peft``, ``b_kohya``, ``b_peft``), all made here."""
-    from pipeline.checkpoints import save_checkpoint
+    from tools.checkpoint_writer import save_checkpoint
     from pipeline.loading import load_model
-    from pipeline.random_models import build_random_sd15, build_random_sdxl, write_lora_pair
+    from tools.random_models import build_random_sd15, build_random_sdxl, write_lora_pair
 
     checkpoints, loras = root / "checkpoints", root / "loras"
     loras.mkdir(parents=True)
@@ -68,7 +68,7 @@ def service(tmp_path_factory):
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.local import deploy, free_port, wait_http
+    from tools.local_serve import deploy, free_port, wait_http
 
     checkpoints, loras = model_folders(tmp_path_factory.mktemp("library"))
     ray.init(num_cpus=2, include_dashboard=False)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.samplers import SAMPLERS
-from pipeline.tiny_shapes.world import classify
+from tools.tiny_shapes.world import classify
 
 from tests.integration.conftest import png_pixels
 

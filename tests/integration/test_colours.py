@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from pipeline.cache_config import default_cache_config
+from pipeline.unet.cache_config import default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
-from pipeline.tiny_shapes.world import COLOURS, HELD_OUT_SCENES, SHAPES, Scene, classify
+from tools.tiny_shapes.world import COLOURS, HELD_OUT_SCENES, SHAPES, Scene, classify
 
 from tests.integration.conftest import png_pixels
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.cache_config import default_cache_config
+from pipeline.unet.cache_config import default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 

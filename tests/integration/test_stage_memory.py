@@ -13,7 +13,7 @@ import io
 import pytest
 from PIL import Image
 
-from pipeline.cache_config import default_cache_config
+from pipeline.unet.cache_config import default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate
 from pipeline.images import encode_png

@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 from tests.observability.prom import Prometheus, Scrape, poll, prometheus_binary, scrape  # noqa: E402
 
@@ -46,7 +46,7 @@ def app():
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.local import deploy, free_port, wait_http
+    from tools.local_serve import deploy, free_port, wait_http
 
     metrics_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
@@ -71,7 +71,7 @@ def prometheus(app):
     binary = prometheus_binary()
     if binary is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus; .ci/run does)")
-    from deployments.local import free_port
+    from tools.local_serve import free_port
 
     with tempfile.TemporaryDirectory(prefix="raydiance-prom-") as workdir:
         metrics_target = app.metrics_url.removeprefix("http://").removesuffix("/metrics")

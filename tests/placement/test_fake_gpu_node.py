@@ -17,7 +17,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from deployments.settings import PROJECT_ROOT  # noqa: E402
-from pipeline.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 APP = "fake-gpu"
 
@@ -64,7 +64,7 @@ def placement(deployment: str, timeout_s: float = 60.0) -> dict:
 
 
 def test_auto_placement_on_a_fake_gpu_node_then_config_wins(cluster):
-    from deployments.local import deploy_config, free_port, wait_http
+    from tools.local_serve import deploy_config, free_port, wait_http
 
     port = free_port()
     deploy_config(config(port), timeout_s=240)

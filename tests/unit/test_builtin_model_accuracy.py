@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipeline.cache_config import CacheConfig, default_cache_config
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.denoise import DenoiseParams
 from pipeline.generate import generate_batch
-from pipeline.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
+from tools.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
 
 TRAIN_SEEDS = range(1000, 1002)
 
 
-def accuracy(model, scenes: tuple[Scene, ...], seeds: range, cache: CacheConfig | None = None) -> float:
+def accuracy(model, scenes: tuple[Scene, ...], seeds: range, cache: FirstBlockCacheConfig | None = None) -> float:
     cases = [(scene, seed) for seed in seeds for scene in scenes]
     params = [DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=seed, sampler="Euler",
                             cache=cache) for _, seed in cases]

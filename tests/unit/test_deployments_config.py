@@ -18,10 +18,10 @@ from deployments.api_models import (
     resolve,
 )
 from deployments.app import parse_args
-from deployments.catalog import ModelCatalog
+from pipeline.library import ModelCatalog
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, Limits, Placement
-from pipeline.tiny_shapes import MODEL_DIR
+from tools.tiny_shapes import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ import asyncio
 import numpy as np
 import torch
 
-from pipeline.cache_config import CacheConfig
+from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseParams, denoise
@@ -43,7 +43,7 @@ def _requests(model):
     conditionings = encode_prompts(model, PROMPTS, [None] * len(PROMPTS))
     return [EngineRequest(c, DenoiseParams(
                 64, 64, steps=6 + 2 * i, seed=100 + i, sampler=SAMPLERS[i], guidance_scale=1.0 + i,
-                cache=CacheConfig(threshold=THRESHOLDS[i], max_consecutive_hits=2 + i % 2)))
+                cache=FirstBlockCacheConfig(threshold=THRESHOLDS[i], max_consecutive_hits=2 + i % 2)))
             for i, c in enumerate(conditionings)]
 
 
@@ -111,8 +111,8 @@ def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_res
     from pipeline.library import LoraLibrary
     from pipeline.lora import AdapterManager
     from pipeline.loading import load_model
-    from pipeline.random_models import write_lora_pair
-    from pipeline.tiny_shapes import MODEL_DIR
+    from tools.random_models import write_lora_pair
+    from tools.tiny_shapes import MODEL_DIR
 
     model = load_model(MODEL_DIR, components=("unet",))  # as a Denoiser holds it; adapters change it
     write_lora_pair(builtin_model, tmp_path, "a", seed=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_config import CacheConfig, default_cache_config
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseJob, DenoiseParams, denoise, forward_unet
@@ -17,7 +17,7 @@ from pipeline.first_block_cache import forward_unet_cached
 from pipeline.unet_parts import decomposed_forward
 
 PROMPT = "a red circle on a blue background"
-NEVER_SKIPS = CacheConfig(threshold=0.5, start=1.0, end=1.0)  # on, so the split forward runs; empty window
+NEVER_SKIPS = FirstBlockCacheConfig(threshold=0.5, start=1.0, end=1.0)  # on, so the split forward runs; empty window
 
 
 def _denoise(model, prompt: str, params: DenoiseParams) -> torch.Tensor:
@@ -64,7 +64,7 @@ def test_decomposed_unet_is_bitwise_diffusers(builtin_model, sdxl_model, size):
 def test_threshold_zero_is_bitwise_uncached_builtin(builtin_model):
     params = DenoiseParams(64, 64, steps=10, guidance_scale=5.0, seed=3)
     reference = _denoise(builtin_model, PROMPT, params)
-    for cache in [CacheConfig(threshold=0.0), NEVER_SKIPS, default_cache_config("sd15").with_overrides({"threshold": 0})]:
+    for cache in [FirstBlockCacheConfig(threshold=0.0), NEVER_SKIPS, default_cache_config("sd15").with_overrides({"threshold": 0})]:
         assert torch.equal(_denoise(builtin_model, PROMPT, dataclasses.replace(params, cache=cache)),
                            reference)
 
@@ -74,7 +74,7 @@ def test_threshold_zero_is_bitwise_uncached_sdxl(sdxl_model, size):
     """SDXL: added text_time embeddings, a first down block without attention, odd latent sides."""
     params = DenoiseParams(*size, steps=6, guidance_scale=5.0, seed=5)
     reference = _denoise(sdxl_model, PROMPT, params)
-    for cache in [CacheConfig(threshold=0.0), NEVER_SKIPS]:
+    for cache in [FirstBlockCacheConfig(threshold=0.0), NEVER_SKIPS]:
         assert torch.equal(_denoise(sdxl_model, PROMPT, DenoiseParams(*size, steps=6, guidance_scale=5.0,
                                                                        seed=5, cache=cache)), reference)
 
@@ -119,7 +119,7 @@ def test_cache_skips_steps_and_stays_close(builtin_model, mode):
 
 def test_window_and_run_limit(builtin_model):
     (cond,) = encode_prompts(builtin_model, [PROMPT], [None])
-    config = CacheConfig(threshold=0.5, start=0.2, end=0.8, max_consecutive_hits=2)
+    config = FirstBlockCacheConfig(threshold=0.5, start=0.2, end=0.8, max_consecutive_hits=2)
     job = DenoiseJob(builtin_model, cond, DenoiseParams(64, 64, steps=20, seed=1, cache=config))
     _run_together(builtin_model, [job])
     hits = [i for i, hit in enumerate(job.cache.decisions) if hit]
@@ -138,7 +138,7 @@ def test_batch_invariance_of_decisions_and_images(builtin_model):
                       cache=default.with_overrides({"threshold": 0.3})),
         DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=2, sampler="DPM++ 2M",
                       cache=default.with_overrides({"mode": "residual"})),
-        DenoiseParams(64, 64, steps=12, guidance_scale=1.0, seed=3, cache=CacheConfig(threshold=0.0)),
+        DenoiseParams(64, 64, steps=12, guidance_scale=1.0, seed=3, cache=FirstBlockCacheConfig(threshold=0.0)),
         DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=4, sampler="DDIM"),
     ]
     conds = encode_prompts(builtin_model, prompts, [None] * len(prompts))
@@ -174,7 +174,7 @@ def test_config_validation_names_the_field(overrides, field):
 def test_defaults_per_family():
     assert default_cache_config("sdxl").threshold == 0.2 and default_cache_config("sdxl").enabled
     assert default_cache_config("sd15").enabled
-    assert not CacheConfig().enabled and not default_cache_config("sd15").with_overrides({"threshold": 0}).enabled
+    assert not FirstBlockCacheConfig().enabled and not default_cache_config("sd15").with_overrides({"threshold": 0}).enabled
     assert default_cache_config("sd15").with_overrides({"max_consecutive_hits": None}).max_consecutive_hits is None
     with pytest.raises(InvalidRequestError):
         default_cache_config("flux")

@@ -15,7 +15,7 @@ from pipeline.generate import generate, generate_batch
 from pipeline.images import encode_png
 from pipeline.samplers import SAMPLERS, canonical_sampler_name
 from pipeline.seeds import resolve_seed
-from pipeline.tiny_shapes.world import classify
+from tools.tiny_shapes.world import classify
 
 
 def test_conditioning_is_plain_cpu_tensors(builtin_model):

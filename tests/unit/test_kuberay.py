@@ -113,7 +113,7 @@ def test_build_app_accepts_the_embedded_args(serve_config, tmp_path):
 
     from deployments.app import build_app
     from deployments.settings import AppArgs
-    from pipeline.tiny_shapes import MODEL_DIR
+    from tools.tiny_shapes import MODEL_DIR
 
     (app,) = serve_config["applications"]
     args = app["args"]

@@ -12,7 +12,7 @@ from pipeline.errors import MissingComponentError, ModelLoadError, UnsafeWeights
 from pipeline.loading import load_model
 from pipeline.memory import component_bytes
 from pipeline.model import COMPONENTS
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
+from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 
 def test_builtin_model_is_sd15_shaped(builtin_model):
@@ -60,7 +60,7 @@ def test_missing_and_foreign_folders_are_clear_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def sdxl_file(sdxl_model, tmp_path_factory):
-    from pipeline.checkpoints import save_checkpoint
+    from tools.checkpoint_writer import save_checkpoint
 
     return save_checkpoint(sdxl_model, tmp_path_factory.mktemp("ckpt") / "xl.safetensors")
 

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from pipeline.conditioning import encode_prompts
 from pipeline.denoise import DenoiseParams, denoise
 from pipeline.samplers import SAMPLERS, make_scheduler
-from pipeline.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
+from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 TOLERANCE = 1e-4
 

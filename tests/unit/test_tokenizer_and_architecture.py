@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.tiny_shapes.architecture import make_unet
-from pipeline.tiny_shapes.world import WORDS
+from tools.tiny_shapes.architecture import make_unet
+from tools.tiny_shapes.world import WORDS
 
 
 def test_every_world_word_is_one_token(builtin_model):

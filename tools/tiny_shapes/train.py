@@ -1,4 +1,4 @@
-"""Train tiny-shapes from nothing on a CPU: ``python -m pipeline.tiny_shapes.train``.
+"""Train tiny-shapes from nothing on a CPU: ``python -m tools.tiny_shapes.train``.
 
 Three phases, each with a progress bar: the VAE (reconstruction + a small KL term), the latent
 scaling factor (1/std of the latents, as SD computes it), then the UNet and the CLIP text encoder
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from tqdm import tqdm
 
-from pipeline.tiny_shapes import MODEL_DIR, architecture, world
-from pipeline.tiny_shapes.tokenizer import save_tokenizer
+from tools.tiny_shapes import MODEL_DIR, architecture, world
+from tools.tiny_shapes.tokenizer import save_tokenizer
 
 
 

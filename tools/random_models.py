@@ -18,9 +18,9 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from pipeline.tiny_shapes.architecture import make_scheduler
-from pipeline.tiny_shapes.tokenizer import save_tokenizer
-from pipeline.tiny_shapes.world import WORDS
+from tools.tiny_shapes.architecture import make_scheduler
+from tools.tiny_shapes.tokenizer import save_tokenizer
+from tools.tiny_shapes.world import WORDS
 
 
 def _text_config(tokenizer, hidden: int, layers: int = 2) -> CLIPTextConfig:

@@ -1,23 +1,28 @@
 """First Block Cache settings: one frozen dataclass per request, defaults per model family.
 
-Kept apart from the cache itself (no torch import) so that the API layer can validate and
-merge a request's ``cache`` fields cheaply; every error names the field as ``cache.<name>``.
+The bounds are declared once, as ``Annotated`` types that pydantic checks: here when a config is
+built or merged with a request's fields, and in the HTTP API's request models, which reuse the
+same types. No torch here, so the API layer imports it cheaply; every error names the field as
+``cache.<name>``.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
+
+from pydantic import ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass
 
 from pipeline.errors import InvalidRequestError
 
 CacheMode = Literal["residual", "reuse"]
-CACHE_MODES: tuple[str, ...] = ("residual", "reuse")
+Threshold = Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=False)]
+ScheduleFraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+RunLimit = Annotated[int, Strict(), Field(ge=1)]
 
 
-@dataclass(frozen=True)
-class CacheConfig:
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class FirstBlockCacheConfig:
     """How one request may skip UNet steps.
 
     threshold: skip a step when the head residual moved less than this, relatively, since the
@@ -30,25 +35,19 @@ class CacheConfig:
         output layers.
     """
 
-    threshold: float = 0.0
-    start: float = 0.0
-    end: float = 1.0
-    max_consecutive_hits: int | None = None
+    threshold: Threshold = 0.0
+    start: ScheduleFraction = 0.0
+    end: ScheduleFraction = 1.0
+    max_consecutive_hits: RunLimit | None = None
     mode: CacheMode = "reuse"
 
-    def __post_init__(self) -> None:
-        _check_fraction("threshold", self.threshold, upper=None)
-        _check_fraction("start", self.start)
-        _check_fraction("end", self.end)
-        if self.end < self.start:
-            raise InvalidRequestError("cache.end", f"must not be before cache.start ({self.start})")
-        hits = self.max_consecutive_hits
-        if hits is not None and (isinstance(hits, bool) or not isinstance(hits, int) or hits < 1):
-            raise InvalidRequestError("cache.max_consecutive_hits",
-                                      f"must be null (no limit) or an integer >= 1, not {hits!r}")
-        if self.mode not in CACHE_MODES:
-            raise InvalidRequestError("cache.mode", f"must be one of {', '.join(CACHE_MODES)}, "
-                                                    f"not {self.mode!r}")
+    @field_validator("end")
+    @classmethod
+    def _window_in_order(cls, end: float, info: ValidationInfo) -> float:
+        start = info.data.get("start")
+        if start is not None and end < start:
+            raise ValueError(f"must not be before cache.start ({start})")
+        return end
 
     @property
     def enabled(self) -> bool:
@@ -58,7 +57,7 @@ class CacheConfig:
         """Whether step ``step_index`` (0-based) of ``total_steps`` may be skipped at all."""
         return self.start * total_steps <= step_index < self.end * total_steps
 
-    def with_overrides(self, overrides: Mapping[str, Any] | None) -> CacheConfig:
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> FirstBlockCacheConfig:
         """This config with a request's fields (e.g. the native API's ``cache`` object) applied.
 
         Unknown keys are refused by name, so a typo cannot silently leave the cache at its default.
@@ -67,20 +66,12 @@ class CacheConfig:
             return self
         if not isinstance(overrides, Mapping):
             raise InvalidRequestError("cache", "must be an object of cache settings")
-        known = {f.name for f in dataclasses.fields(self)}
-        for key in overrides:
-            if key not in known:
-                raise InvalidRequestError(f"cache.{key}", f"unknown setting; known: {', '.join(sorted(known))}")
-        return dataclasses.replace(self, **dict(overrides))
-
-
-def _check_fraction(name: str, value: object, upper: float | None = 1.0) -> None:
-    field = f"cache.{name}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(field, f"must be a finite number, not {value!r}")
-    if value < 0 or (upper is not None and value > upper):
-        bounds = f"between 0 and {upper}" if upper is not None else ">= 0"
-        raise InvalidRequestError(field, f"must be {bounds}, not {value!r}")
+        try:
+            return type(self)(**{**dataclasses.asdict(self), **overrides})
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise InvalidRequestError(f"cache.{where}" if where else "cache", first["msg"]) from None
 
 
 # Chosen from bench/bench_cache.py (see bench/RESULTS.md, "cache: First Block Cache sweep") and
@@ -91,14 +82,14 @@ def _check_fraction(name: str, value: object, upper: float | None = 1.0) -> None
 # put over a run of hits. Never skipping the first fifth of the schedule and at most 2 skips in
 # a row kept accuracy at the uncached level (312 images, 20 steps: start 0.1 lost 2.6 points,
 # start 0.2 none) with about half the steps skipped.
-_DEFAULTS: dict[str, CacheConfig] = {
-    "sd15": CacheConfig(threshold=0.15, start=0.2, max_consecutive_hits=2, mode="reuse"),
+_DEFAULTS: dict[str, FirstBlockCacheConfig] = {
+    "sd15": FirstBlockCacheConfig(threshold=0.15, start=0.2, max_consecutive_hits=2, mode="reuse"),
     # WaveSpeed's SDXL threshold at 25 steps; window and run limit as measured for SD1.5
-    "sdxl": CacheConfig(threshold=0.2, start=0.2, max_consecutive_hits=2, mode="reuse"),
+    "sdxl": FirstBlockCacheConfig(threshold=0.2, start=0.2, max_consecutive_hits=2, mode="reuse"),
 }
 
 
-def default_cache_config(family: str) -> CacheConfig:
+def default_cache_config(family: str) -> FirstBlockCacheConfig:
     """The cache a request of this model family gets when it does not say otherwise."""
     try:
         return _DEFAULTS[family]

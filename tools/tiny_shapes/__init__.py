@@ -5,7 +5,6 @@ Its world is 64x64 images of one flat shape on a flat background, prompted as
 and no download, and so that tests can tell a right picture from a wrong one by its colours.
 """
 
-from pathlib import Path
+from deployments.settings import BUILTIN_MODEL_DIR as MODEL_DIR
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tiny-shapes"
-"""Where the trained built-in model lives in a source checkout (installed with ``pip install -e``)."""
+__all__ = ["MODEL_DIR"]
