@@ -10,8 +10,8 @@ from typing import Any
 
 from ray import serve
 
+from deployments.api.ingress import Ingress, IngressSettings
 from deployments.denoiser import Denoiser
-from deployments.ingress import Ingress, IngressSettings
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, StageSettings, resolve_model_path
 from deployments.text_encoder import TextEncoder

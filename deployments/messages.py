@@ -1,5 +1,14 @@
 """What crosses a stage boundary: small dataclasses of CPU tensors plus the timings so far.
 
+- Ingress -> TextEncoder: ``EncodeRequest`` (text only).
+- TextEncoder -> Denoiser: ``Encoded`` (the conditioning), replica to replica: the Ingress
+  passes the TextEncoder's response on unresolved.
+- Denoiser -> VAEDecoder: ``Denoised``. From ``denoise`` it goes replica to replica like
+  ``Encoded``, latents included. From ``denoise_stream`` it goes through the Ingress (which reads
+  the ``StepProgress`` before it), so there its latents are an ``ObjectRef``: the tensor stays in
+  Ray's object store until the VAEDecoder fetches it.
+- VAEDecoder -> Ingress: ``Decoded``, the PNG.
+
 Each stage adds its own compute time to ``timings`` (milliseconds), so the Ingress can report
 per-stage timings although the data went replica to replica without passing through it.
 """
@@ -8,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from ray import ObjectRef
 
 from pipeline.conditioning import Conditioning
 from pipeline.lora import LoraSet
@@ -33,7 +43,7 @@ class Encoded:
 
 @dataclass(frozen=True)
 class StepProgress:
-    """One denoising step done: what ``Denoiser.denoise_stream`` yields before the latents."""
+    """One denoising step done: what ``Denoiser.denoise_stream`` yields before the ``Denoised``."""
 
     step: int  # steps done so far
     steps: int  # steps in all
@@ -42,7 +52,7 @@ class StepProgress:
 @dataclass
 class Denoised:
     model: str
-    latents: torch.Tensor  # (1, C, h, w), CPU
+    latents: torch.Tensor | ObjectRef  # (1, C, h, w) on the CPU, or a reference to it (streamed)
     timings: dict[str, float] = field(default_factory=dict)
     steps_computed: int = 0  # UNet steps run in full
     steps_cached: int = 0  # steps First Block Cache approximated
@@ -52,5 +62,5 @@ class Denoised:
 class Decoded:
     png: bytes
     timings: dict[str, float] = field(default_factory=dict)
-    steps_computed: int = 0  # carried over from Denoised: the Ingress never sees the latents
+    steps_computed: int = 0  # carried over from Denoised, whose latents the Ingress never reads
     steps_cached: int = 0

@@ -8,17 +8,17 @@ file on top of the application, so the user's own options always win over these.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
+
+import ray
+
+from pipeline.device import Accelerator
 
 from deployments.settings import Placement
-
-Accelerator = Literal["auto", "cpu", "cuda"]
 
 
 def cluster_gpus() -> float:
     """GPUs the Ray cluster has now (0 when Ray is not running: the builder is then local)."""
-    import ray
-
     if not ray.is_initialized():
         return 0.0
     return float(ray.cluster_resources().get("GPU", 0.0))

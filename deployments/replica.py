@@ -1,5 +1,10 @@
-"""What every model-holding replica shares: one torch thread, a torch worker thread, its models
-(only the components its stage runs), and the report of what it holds."""
+"""What every model-holding replica (TextEncoder, Denoiser, VAEDecoder) shares: torch on one
+intra-op thread, a worker thread for blocking torch work, its models (only the components its
+stage runs, with their LoRA adapters), and ``stats()``/``placement()``, the report of what it holds.
+
+``StageReplica`` is a plain base class: the ``@serve.deployment`` stages inherit its methods,
+and Serve finds the multiplexed ``get_model`` among the instance's attributes.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +13,9 @@ import gc
 import os
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import ray
 import torch
@@ -41,11 +47,14 @@ def pin_torch_threads() -> None:
 
 
 class TorchWorker:
-    """One thread that runs this replica's blocking torch work, off the event loop.
+    """One thread that runs this replica's blocking torch work (model loads, and the batched
+    stages' forwards), off the event loop.
 
-    One thread, not a pool: work queues in order, and a replica never runs two forwards at once
-    on the cores Ray gave it. When the last queued piece of work is done, the memory it freed
-    goes back to the OS, so an idle replica holds its weights and not its last batch.
+    One thread, not a pool: work queues in order, and a TextEncoder or VAEDecoder never runs two
+    forwards at once on the cores Ray gave it (the Denoiser's forwards run on its engine's own
+    thread; its worker only loads models). When the last queued piece of work is done, the
+    memory it freed goes back to the OS, so an idle replica holds its weights and not its last
+    batch.
     """
 
     def __init__(self) -> None:
@@ -108,7 +117,8 @@ class ModelStore:
     loaded by ``start``.
 
     ``await store.get(name)`` returns the model. A model dropped from the store stays alive for
-    the requests still using it.
+    the requests still using it. Each model's LoRA adapters are kept beside it, keyed weakly, so
+    they go when it goes.
     """
 
     def __init__(self, settings: StageSettings, worker: TorchWorker,
@@ -120,6 +130,8 @@ class ModelStore:
         self.device = select_device(settings.accelerator)
         self.dtype = default_dtype(self.device)
         self.held = HeldModels()
+        self._lora_managers: weakref.WeakKeyDictionary[DiffusionModel, AdapterManager] = (
+            weakref.WeakKeyDictionary())
         self.rss_at_start = process_memory()["rss_bytes"]  # the bare replica, before any model
 
         async def get(name: str) -> DiffusionModel:
@@ -140,8 +152,9 @@ class ModelStore:
 
     def load(self, name: str) -> DiffusionModel:
         path = self.catalog.path(name)  # NotFoundError for a name that is not (or no longer) served
-        # A model the multiplexer just dropped is garbage in a reference cycle (its LoRA manager
-        # points back at it): free it before the next one takes its memory.
+        # A model the multiplexer just dropped goes when its last request ends; whatever of it
+        # sits in a reference cycle is freed here rather than at some later collection, before
+        # the next model takes its memory.
         gc.collect()
         with LoadTimer(name, "model"):  # raydiance_model_loads, _model_load_seconds
             model = load_model(path, components=self.components, device=self.device,
@@ -171,43 +184,58 @@ class ModelStore:
         self.held.publish()
 
     def _adapters(self, model: DiffusionModel) -> AdapterManager | None:
-        """The model's LoRA adapters (None when no loras_dir is set); kept on the model, so they
-        go when it goes."""
+        """The model's LoRA adapters (None when no loras_dir is set); the manager holds the
+        model's modules, not the model, so the weak key lets both go together."""
         if self.settings.loras_dir is None:
             return None
-        manager = model.extra.get("adapters")
+        manager = self._lora_managers.get(model)
         if manager is None:
-            manager = model.extra["adapters"] = AdapterManager(
+            manager = self._lora_managers[model] = AdapterManager(
                 model, LoraLibrary(self.settings.loras_dir),
                 max_loaded=self.settings.max_loras_per_model)
         return manager
 
 
-def replica_id() -> str:
+class StageReplica:
+    """Base of the three model-holding stages: call ``__init__`` first from the stage's own
+    (async) constructor and ``await self.store.start()`` last; a stage adds its own counters to
+    ``stats()`` through ``stage_stats``."""
+
+    def __init__(self, settings: StageSettings, components: tuple[Component, ...]) -> None:
+        pin_torch_threads()
+        self.worker = TorchWorker()
+        self.store = ModelStore(settings, self.worker, components)
+        self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
+
+    def stage_stats(self) -> dict[str, Any]:
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        """For tests and operators: which replica, each live model's components with their
+        tensor bytes, the replica's memory, and the stage's own counters."""
+        return {"replica": _replica_id(), **self.store.memory_report(), **self.stage_stats()}
+
+    def placement(self) -> dict[str, Any]:
+        """What Ray handed this replica and what it runs on (the two differ on a fake GPU node):
+        the device and dtype are those of the stage's own component, as loaded."""
+        store = self.store
+        device, dtype = store.device, store.dtype
+        models = store.held.models()
+        if models:
+            weight = next(next(iter(models[0].modules().values())).parameters())
+            device, dtype = weight.device, weight.dtype
+        return {
+            "replica": _replica_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_available": torch.cuda.is_available(),
+            "device": str(device),
+            "dtype": str(dtype),
+            "components": list(store.components),
+            "torch_threads": torch.get_num_threads(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+
+def _replica_id() -> str:
     return serve.get_replica_context().replica_id.unique_id
-
-
-def replica_stats(store: ModelStore) -> dict[str, Any]:
-    """The part of every stage's ``stats()`` that is the same for all: which replica, what it holds."""
-    return {"replica": replica_id(), **store.memory_report()}
-
-
-def placement_report(store: ModelStore) -> dict[str, Any]:
-    """What Ray handed this replica and what it runs on (the two differ on a fake GPU node): the
-    device and dtype are those of the stage's own component, as loaded."""
-    device, dtype = store.device, store.dtype
-    models = store.held.models()
-    if models:
-        weight = next(next(iter(models[0].modules().values())).parameters())
-        device, dtype = weight.device, weight.dtype
-    return {
-        "replica": replica_id(),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "cuda_available": torch.cuda.is_available(),
-        "device": str(device),
-        "dtype": str(dtype),
-        "components": list(store.components),
-        "torch_threads": torch.get_num_threads(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-    }

@@ -5,11 +5,14 @@ Kept apart from ``app.py`` so that replicas import the settings without importin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from pipeline.device import Accelerator
 from pipeline.library import ModelCatalog
+
+from deployments.api.protocol import ImageCount, ImageSide, Steps
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +27,24 @@ class _Strict(BaseModel):
 
 
 class Limits(_Strict):
-    """What one request may ask for; anything beyond is answered 4xx naming the field."""
+    """What one request may ask for, on top of its fields' fixed bounds; each limit has its
+    field's type (a ``max_width`` that is no valid width fails the deploy). Checked in one place,
+    ``ServedModels.resolve``: a request beyond them is answered 4xx naming its field."""
 
-    max_width: PositiveInt = 1024
-    max_height: PositiveInt = 1024
-    max_steps: PositiveInt = 100
-    max_images: PositiveInt = 4
+    model_config = ConfigDict(frozen=True)
+
+    max_width: ImageSide = 1024
+    max_height: ImageSide = 1024
+    max_steps: Steps = 100
+    max_images: ImageCount = 4
     max_prompt_chars: PositiveInt = 2000
+
+
+class BatchSettable(Protocol):
+    """A ``@serve.batch`` method, as its setters see it (settings never import Ray)."""
+
+    def set_max_batch_size(self, size: int) -> None: ...
+    def set_batch_wait_timeout_s(self, timeout_s: float) -> None: ...
 
 
 class BatchKnobs(_Strict):
@@ -41,12 +55,19 @@ class BatchKnobs(_Strict):
     # pure added latency; under load batches fill while the previous batch computes anyway.
     batch_wait_timeout_s: float = Field(0.002, ge=0.0)
 
+    def apply_to(self, batched: BatchSettable) -> None:
+        """Set these on a replica's ``@serve.batch`` method (its decorator holds the defaults)."""
+        batched.set_max_batch_size(self.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
 
 class DenoiserKnobs(_Strict):
     """The Denoiser's step-batching engine.
 
-    ``max_batch_rows``: UNet rows per forward (a request with guidance is 2 rows, without 1).
-    1 or 2 turns batching across requests off; a GPU wants as many as fit its memory.
+    ``max_batch_rows``: UNet rows per forward (a request with guidance takes 2 rows, without 1);
+    requests share a forward while their rows fit, and a request with more rows than this still
+    runs, alone. So 1 runs every request alone, 2 runs each guided request alone but pairs
+    unguided ones; a GPU wants as many as fit its memory.
     """
 
     max_batch_rows: PositiveInt = 32
@@ -103,7 +124,7 @@ class AppArgs(_Strict):
     # each model keeps loaded as adapters.
     max_models_per_replica: PositiveInt = 2
     max_loras_per_model: PositiveInt = 8
-    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    accelerator: Accelerator = "auto"
     limits: Limits = Field(default_factory=Limits)
     text_encoder: BatchKnobs = Field(default_factory=BatchKnobs)
     vae_decoder: BatchKnobs = Field(default_factory=BatchKnobs)
@@ -127,7 +148,7 @@ class StageSettings(_Strict):
     checkpoints_dir: str | None = None
     loras_dir: str | None = None
     default_model: str
-    accelerator: Literal["auto", "cpu", "cuda"]
+    accelerator: Accelerator
     max_models_per_replica: PositiveInt = 2
     max_loras_per_model: PositiveInt = 8
 

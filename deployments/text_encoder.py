@@ -7,18 +7,18 @@ and returns the very conditioning the first encoding produced.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, defaultdict
 from typing import Any
 
+from cachetools import LRUCache
 from ray import serve
 
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.model import DiffusionModel
 
 from deployments import metrics
+from deployments.batching import raise_if_error, run_grouped
 from deployments.messages import Encoded, EncodeRequest
-from deployments.replica import (ModelStore, TorchWorker, pin_torch_threads, placement_report,
-                                 replica_stats)
+from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
 
 # SD1.5 conditioning is ~0.5 MB in fp32 and SDXL's ~1.3 MB in fp32 (half in fp16): 128 entries
@@ -26,60 +26,57 @@ from deployments.settings import BatchKnobs, StageSettings
 DEFAULT_CACHE_SIZE = 128
 CACHE_SIZE_KEY = "embedding_cache_size"
 
+EncodeItem = tuple[EncodeRequest, DiffusionModel]
+
 
 class EmbeddingCache:
-    """A bounded LRU of conditionings keyed by the encode request (model, prompt, negative prompt).
+    """A bounded LRU (``cachetools.LRUCache``) of conditionings keyed by the encode request
+    (model, prompt, negative prompt, LoRA set), counting its hits and misses.
 
     Used only on the replica's event loop, so it needs no lock. Capacity 0 turns it off.
     """
 
     def __init__(self, capacity: int = DEFAULT_CACHE_SIZE) -> None:
-        self._entries: OrderedDict[EncodeRequest, Conditioning] = OrderedDict()
-        self.capacity = 0
+        self._entries: LRUCache[EncodeRequest, Conditioning] = LRUCache(maxsize=0)
         self.hits = self.misses = 0  # lookups since start
         self.resize(capacity)
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def capacity(self) -> int:
+        return int(self._entries.maxsize)
+
     def get(self, key: EncodeRequest) -> Conditioning | None:
-        value = self._entries.get(key)
+        value = self._entries.get(key)  # a hit becomes the most recently used
         if value is None:
             self.misses += 1
         else:
             self.hits += 1
-            self._entries.move_to_end(key)
         return value
 
     def put(self, key: EncodeRequest, value: Conditioning) -> None:
-        if self.capacity == 0:
-            return
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        self._evict()
+        if self.capacity:  # LRUCache refuses any entry at maxsize 0
+            self._entries[key] = value
 
     def resize(self, capacity: int) -> None:
+        """A new capacity, keeping the most recently used entries that fit."""
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"{CACHE_SIZE_KEY}: must be an integer >= 0 (0: no cache), not {capacity!r}")
-        self.capacity = capacity
-        self._evict()
-
-    def _evict(self) -> None:
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        old, self._entries = self._entries, LRUCache(maxsize=capacity)
+        while old:
+            key, value = old.popitem()  # least recently used first: the newest are put last
+            self.put(key, value)
 
 
 @serve.deployment(name="TextEncoder", max_ongoing_requests=32)
-class TextEncoder:
+class TextEncoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs,
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
-        pin_torch_threads()
-        self.worker = TorchWorker()
-        self.store = ModelStore(settings, self.worker, components=("text_encoders",))
-        self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
+        super().__init__(settings, components=("text_encoders",))
         self.cache = EmbeddingCache(cache_size)
-        self._encode_batch.set_max_batch_size(knobs.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+        knobs.apply_to(self._encode_batch)
         self._cache_size_changed()
         await self.store.start()
 
@@ -107,48 +104,29 @@ class TextEncoder:
             return Encoded(request.model, conditioning, {"encode": seconds * 1000}, request.loras)
         metrics.inc("raydiance_embedding_cache_lookups", model=request.model, result="miss")
         model = await self.get_model(request.model)
-        result = await self._encode_batch((request, model))
-        if isinstance(result, BaseException):  # one bad request must not fail its batch-mates
-            raise result
+        result = raise_if_error(await self._encode_batch((request, model)))
         self.cache.put(request, result.conditioning)
         self._cache_size_changed()
         metrics.record_stage("encode", request.model, time.perf_counter() - start)
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _encode_batch(self, items: list[tuple[EncodeRequest, DiffusionModel]]
-                            ) -> list[Encoded | BaseException]:
-        return await self.worker.run(self._encode_sync, items)
+    async def _encode_batch(self, items: list[EncodeItem]) -> list[Encoded | Exception]:
+        return await self.worker.run(run_grouped, items, lambda item: (id(item[1]), item[0].loras),
+                                     self._encode_group)
 
-    def _encode_sync(self, items: list[tuple[EncodeRequest, DiffusionModel]]
-                     ) -> list[Encoded | BaseException]:
-        """One CLIP forward per (model, LoRA set) among the batch, on the torch thread."""
-        results: list[Encoded | BaseException | None] = [None] * len(items)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (request, model) in enumerate(items):
-            groups[(id(model), request.loras)].append(i)
-        for indices in groups.values():
-            start = time.perf_counter()
-            request, model = items[indices[0]]
-            name, requests = request.model, [items[i][0] for i in indices]
-            try:
-                self.store.activate_loras(model, request.loras)
-                conditionings = encode_prompts(model, [r.prompt for r in requests],
-                                               [r.negative_prompt for r in requests])
-            except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to
-                for i in indices:
-                    results[i] = error
-                continue
-            ms = (time.perf_counter() - start) * 1000
-            for i, conditioning in zip(indices, conditionings):
-                results[i] = Encoded(name, conditioning, {"encode": ms}, request.loras)
-        return results  # type: ignore[return-value]
+    def _encode_group(self, items: list[EncodeItem]) -> list[Encoded]:
+        """One CLIP forward for requests of one model and LoRA set, on the torch thread."""
+        start = time.perf_counter()
+        (first, model), requests = items[0], [request for request, _ in items]
+        self.store.activate_loras(model, first.loras)
+        conditionings = encode_prompts(model, [r.prompt for r in requests],
+                                       [r.negative_prompt for r in requests])
+        ms = (time.perf_counter() - start) * 1000
+        return [Encoded(first.model, conditioning, {"encode": ms}, first.loras)
+                for conditioning in conditionings]
 
-    def stats(self) -> dict[str, Any]:
-        """What this replica holds, and its embedding cache's size, capacity and lookups."""
-        return {**replica_stats(self.store), "embedding_cache": {
-            "entries": len(self.cache), "capacity": self.cache.capacity,
-            "hits": self.cache.hits, "misses": self.cache.misses}}
-
-    def placement(self) -> dict:
-        return placement_report(self.store)
+    def stage_stats(self) -> dict[str, Any]:
+        """Its embedding cache's size, capacity and lookups."""
+        return {"embedding_cache": {"entries": len(self.cache), "capacity": self.cache.capacity,
+                                    "hits": self.cache.hits, "misses": self.cache.misses}}

@@ -1,81 +1,78 @@
 """VAEDecoder: latents to PNG bytes, many requests per VAE forward (@serve.batch).
 
-PNG encoding happens here rather than in the Ingress: the Ingress stays light and a PNG is
-smaller to send back than pixels.
+What arrives is a ``Denoised``: straight from the Denoiser when the Ingress chained the calls
+(``decode.remote(denoise.remote(...))``: Ray hands the Denoiser's result to this replica), or,
+after a streamed denoising, a ``Denoised`` that crossed the Ingress holding only an ``ObjectRef``
+to its latents, which this replica fetches from the object store before batching. Either way the
+latents never pass through the Ingress. PNG encoding happens here rather than in the Ingress: the
+Ingress stays light and a PNG is smaller to send back than pixels.
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
-from collections import defaultdict
-from typing import Any
 
 import torch
-from ray import serve
+from ray import ObjectRef, serve
 
 from pipeline.decode import decode_latents
 from pipeline.images import encode_png
 from pipeline.model import DiffusionModel
 
 from deployments import metrics
+from deployments.batching import raise_if_error, run_grouped
 from deployments.messages import Decoded, Denoised
-from deployments.replica import (ModelStore, TorchWorker, pin_torch_threads, placement_report,
-                                 replica_stats)
+from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
 
+FETCH_LATENTS_TIMEOUT_S = 60.0
+"""How long a referenced latent tensor may take to arrive: it exists once the reference does, so
+only a lost Denoiser node or a stuck object store takes this long, and the request then fails."""
 
-DecodeItem = tuple[Denoised, "str | None", DiffusionModel]  # latents, PNG text, the model
+DecodeItem = tuple[Denoised, "str | None", DiffusionModel]  # latents at hand, PNG text, the model
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
-class VAEDecoder:
+class VAEDecoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
-        pin_torch_threads()
-        self.worker = TorchWorker()
-        self.store = ModelStore(settings, self.worker, components=("vae",))
-        self.get_model = self.store.get  # multiplexed: Serve finds it on the replica
-        self._decode_batch.set_max_batch_size(knobs.max_batch_size)
-        self._decode_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+        super().__init__(settings, components=("vae",))
+        knobs.apply_to(self._decode_batch)
         await self.store.start()
 
     async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
         start = time.perf_counter()
+        denoised = await self._fetched(denoised)
         model = await self.get_model(denoised.model)
-        result = await self._decode_batch((denoised, png_parameters, model))
-        if isinstance(result, BaseException):
-            raise result
+        result = raise_if_error(await self._decode_batch((denoised, png_parameters, model)))
         metrics.record_stage("decode", denoised.model, time.perf_counter() - start)
         metrics.inc("raydiance_images", model=denoised.model)
         return result
 
+    @staticmethod
+    async def _fetched(denoised: Denoised) -> Denoised:
+        """``denoised`` with its latents here: a referenced tensor is fetched (with a timeout)."""
+        if not isinstance(denoised.latents, ObjectRef):
+            return denoised
+        try:
+            latents = await asyncio.wait_for(denoised.latents, FETCH_LATENTS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the latents did not arrive from the Denoiser within "
+                               f"{FETCH_LATENTS_TIMEOUT_S:.0f} s") from None
+        return dataclasses.replace(denoised, latents=latents)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _decode_batch(self, items: list[DecodeItem]) -> list[Decoded | BaseException]:
-        return await self.worker.run(self._decode_sync, items)
+    async def _decode_batch(self, items: list[DecodeItem]) -> list[Decoded | Exception]:
+        return await self.worker.run(
+            run_grouped, items, lambda item: (id(item[2]), tuple(item[0].latents.shape)),
+            self._decode_group)
 
-    def _decode_sync(self, items: list[DecodeItem]) -> list[Decoded | BaseException]:
-        results: list[Decoded | BaseException | None] = [None] * len(items)
-        groups: dict[tuple, list[int]] = defaultdict(list)  # one VAE forward per model and shape
-        for i, (denoised, _, model) in enumerate(items):
-            groups[(id(model), tuple(denoised.latents.shape))].append(i)
-        for indices in groups.values():
-            start = time.perf_counter()
-            model = items[indices[0]][2]
-            try:
-                pixels = decode_latents(model, torch.cat([items[i][0].latents for i in indices]))
-                pngs = [encode_png(p, items[i][1]) for p, i in zip(pixels, indices)]
-            except Exception as error:  # noqa: BLE001 - handed back to the requests it belongs to
-                for i in indices:
-                    results[i] = error
-                continue
-            ms = (time.perf_counter() - start) * 1000
-            for i, png in zip(indices, pngs):
-                denoised = items[i][0]
-                results[i] = Decoded(png, {**denoised.timings, "decode": ms},
-                                     denoised.steps_computed, denoised.steps_cached)
-        return results  # type: ignore[return-value]
-
-    def stats(self) -> dict[str, Any]:
-        """What this replica holds."""
-        return replica_stats(self.store)
-
-    def placement(self) -> dict:
-        return placement_report(self.store)
+    @staticmethod
+    def _decode_group(items: list[DecodeItem]) -> list[Decoded]:
+        """One VAE forward for requests of one model and latent shape, on the torch thread."""
+        start = time.perf_counter()
+        pixels = decode_latents(items[0][2], torch.cat([denoised.latents for denoised, _, _ in items]))
+        pngs = [encode_png(image, parameters) for image, (_, parameters, _) in zip(pixels, items)]
+        ms = (time.perf_counter() - start) * 1000
+        return [Decoded(png, {**denoised.timings, "decode": ms}, denoised.steps_computed,
+                        denoised.steps_cached) for png, (denoised, _, _) in zip(pngs, items)]

@@ -18,7 +18,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders
+from pipeline.model import (COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders,
+                            text_encoder_parts)
 
 _FAMILY_BY_PIPELINE: dict[str, Family] = {
     "StableDiffusionPipeline": "sd15",
@@ -51,9 +52,9 @@ def _read(path: Path) -> tuple[dict[str, Any], ModelConfigs]:
             raise ModelLoadError(f"{path.name}: incomplete {family} folder (no {relative})")
         return json.loads(file.read_text())
 
-    force_zeros = bool(index.get("force_zeros_for_empty_prompt", family == "sdxl"))
-    return index, ModelConfigs(family, read("unet/config.json"), read("vae/config.json"),
-                               read("scheduler/scheduler_config.json"), force_zeros)
+    return index, ModelConfigs.with_index(family, index, unet=read("unet/config.json"),
+                                          vae=read("vae/config.json"),
+                                          scheduler=read("scheduler/scheduler_config.json"))
 
 
 def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,
@@ -71,16 +72,13 @@ def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,
         loaded["vae"] = for_inference(AutoencoderKL.from_pretrained(
             path, subfolder="vae", local_files_only=True, use_safetensors=True,
             torch_dtype=vae_dtype(configs.vae, dtype)), device)
-    return DiffusionModel(name or path.name, configs, loaded, path)
+    return DiffusionModel(name or path.name, configs, loaded)
 
 
 def _text_encoders(path: Path, index: dict[str, Any], family: Family, device: torch.device | str,
                    dtype: torch.dtype) -> TextEncoders:
-    names = [("tokenizer", "text_encoder")]
-    if family == "sdxl":
-        names.append(("tokenizer_2", "text_encoder_2"))
     tokenizers, encoders = [], []
-    for tokenizer_name, encoder_name in names:
+    for tokenizer_name, encoder_name in text_encoder_parts(family):
         tokenizers.append(CLIPTokenizer.from_pretrained(path / tokenizer_name, local_files_only=True))
         encoder_class = _TEXT_ENCODER_CLASSES[index[encoder_name][1]]
         encoders.append(for_inference(encoder_class.from_pretrained(

@@ -10,7 +10,7 @@ import torch
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseParams
-from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
+from pipeline.engine import DenoiseEngine, EngineResult
 from pipeline.model import DiffusionModel
 
 
@@ -29,7 +29,7 @@ def generate_batch(model: DiffusionModel, prompts: list[str], params: list[Denoi
     """Generate one image per prompt, sharing UNet forwards among them.
 
     Denoising runs on a ``DenoiseEngine`` of its own, as in a Denoiser replica: each image keeps
-    its own scheduler, generator and cache state (``DenoiseParams.cache``), so its result does
+    its own sampler, generator and cache state (``DenoiseParams.cache``), so its result does
     not depend on which others it was batched with. Call it where no event loop runs.
     """
     negatives = negative_prompts or [None] * len(prompts)
@@ -38,8 +38,7 @@ def generate_batch(model: DiffusionModel, prompts: list[str], params: list[Denoi
     async def denoise_all() -> list[EngineResult]:
         engine = DenoiseEngine(max_batch_rows=max_batch_rows)
         try:
-            return await asyncio.gather(*(engine.submit(model, EngineRequest(c, p))
-                                          for c, p in zip(conditionings, params)))
+            return await asyncio.gather(*(engine.submit(model, c, p) for c, p in zip(conditionings, params)))
         finally:
             await engine.close()
 

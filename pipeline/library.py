@@ -17,9 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError
 from pipeline.loading import describe_model
-from pipeline.pickles import PICKLE_SUFFIXES
-
-SAFETENSORS = ".safetensors"
+from pipeline.pickles import SAFETENSORS, pickle_named, refusal
 
 
 class _Folder:
@@ -56,10 +54,10 @@ class _Folder:
                       and p.resolve().is_relative_to(root))
 
     def _refuse_pickle(self, stem: str) -> None:
-        for suffix in sorted(PICKLE_SUFFIXES):
-            if (self.folder / f"{stem}{suffix}").exists():
-                raise InvalidRequestError(self.field, f"{stem}{suffix} is a pickle-format file, refused "
-                                          "(it can run code when loaded): convert it to .safetensors")
+        """A name whose only file is a pickle is the caller's mistake (4xx), said as such."""
+        path = pickle_named(self.folder, stem)
+        if path is not None:
+            raise InvalidRequestError(self.field, refusal(path.name))
 
 
 class LoraLibrary(_Folder):

@@ -39,8 +39,8 @@ from safetensors.torch import load_file
 
 from pipeline.errors import InvalidRequestError, ModelLoadError
 from pipeline.library import LoraLibrary
-from pipeline.model import DiffusionModel
-from pipeline.pickles import PICKLE_SUFFIXES
+from pipeline.model import DiffusionModel, text_encoder_names
+from pipeline.pickles import SAFETENSORS
 
 LoraSet = tuple[tuple[str, float], ...]
 """Canonical LoRA set: (name, weight) pairs sorted by name, no zero weights, no repeats."""
@@ -63,8 +63,9 @@ def normalize_loras(loras: Iterable[tuple[str, float]]) -> LoraSet:
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """A LoRA file's tensors and diffusers' adapter metadata; pickles are refused unread."""
-    if path.suffix.lower() in PICKLE_SUFFIXES or path.suffix.lower() != ".safetensors":
+    """A LoRA file's tensors and diffusers' adapter metadata; anything but safetensors (a
+    pickle above all) is refused unread."""
+    if path.suffix.lower() != SAFETENSORS:
         raise InvalidRequestError("loras", f"{path.name}: only .safetensors LoRAs are loaded")
     try:
         with safe_open(path, framework="pt") as f:
@@ -103,14 +104,18 @@ def _text_encoder_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 class AdapterManager:
     """The LoRAs loaded on one model, at most ``max_loaded``, and the set now active.
 
-    Adapters go into the UNet and text encoders that ``model`` holds, whichever those are. Not
+    Adapters go into the UNet and text encoders that ``model`` holds, whichever those are. Holds
+    those modules and not the model itself, so a map keyed weakly by the model can keep it. Not
     thread-safe: call ``activate`` from the thread that then runs the model.
     """
 
     def __init__(self, model: DiffusionModel, library: LoraLibrary, *, max_loaded: int = 8) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
-        self.model, self.library, self.max_loaded = model, library, max_loaded
+        self.library, self.max_loaded = library, max_loaded
+        self._model_name, self._family = model.name, model.family
+        self._unet_config = FrozenDict(model.unet_config)
+        self._encoder_names = text_encoder_names(model.family)
         # the components that take LoRAs, by diffusers' names: unet, text_encoder, text_encoder_2
         self._components = {name: module for name, module in model.modules().items() if name != "vae"}
         self._mixin = (StableDiffusionXLLoraLoaderMixin if model.family == "sdxl"
@@ -119,16 +124,12 @@ class AdapterManager:
         self._where: dict[str, list[str]] = {}  # adapter name -> names of the components holding it
         self._serial = 0
         self._active: LoraSet | None = ()  # None: the components' state is unknown (after a failure)
-        self.loads = 0  # LoRA files loaded so far, for metrics
+        self.loads = 0  # LoRA files loaded so far (a set switch that reloads nothing adds none)
 
     @property
     def loaded(self) -> tuple[str, ...]:
         """Names of the LoRAs held, least recently used first."""
         return tuple(self._adapters)
-
-    @property
-    def active(self) -> LoraSet:
-        return self._active or ()
 
     def activate(self, loras: Iterable[tuple[str, float]]) -> LoraSet:
         """Make ``loras`` the active set (loading what is missing); returns it in canonical form.
@@ -177,15 +178,14 @@ class AdapterManager:
         try:
             with _quiet():
                 state_dict, alphas = self._mixin.lora_state_dict(
-                    state_dict, unet_config=FrozenDict(self.model.unet_config))
+                    state_dict, unet_config=self._unet_config)
         except ValueError as error:  # key names diffusers cannot place
             raise InvalidRequestError("loras", f"{name}: LoRA layout not understood ({error})") from None
         if all(k.startswith(_UNET_MODULES) for k in state_dict):  # a bare peft UNet adapter
             state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
-        encoder_prefixes = ["text_encoder", "text_encoder_2"][:2 if self.model.family == "sdxl" else 1]
-        known = ("unet.", *(p + "." for p in encoder_prefixes))
+        known = ("unet.", *(p + "." for p in self._encoder_names))
         if not any(k.startswith(known) for k in state_dict):
-            raise InvalidRequestError("loras", f"{name}: has no weights for this {self.model.family} "
+            raise InvalidRequestError("loras", f"{name}: has no weights for this {self._family} "
                                       "model's UNet or text encoders")
         if metadata is not None and alphas:
             metadata = None  # diffusers takes one or the other; kohya alphas are the weights' own
@@ -198,7 +198,7 @@ class AdapterManager:
                     self._mixin.load_lora_into_unet(state_dict, alphas, self._components["unet"],
                                                     adapter_name=adapter, metadata=metadata)
                     self._where[adapter].append("unet")
-                for prefix in encoder_prefixes:
+                for prefix in self._encoder_names:
                     part = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
                     if prefix not in self._components or not part:
                         continue
@@ -210,7 +210,7 @@ class AdapterManager:
                     self._where[adapter].append(prefix)
         except Exception as error:  # shapes that do not fit, modules the model lacks
             self._unload(adapter)
-            raise InvalidRequestError("loras", f"{name}: does not fit model {self.model.name!r} "
+            raise InvalidRequestError("loras", f"{name}: does not fit model {self._model_name!r} "
                                       f"({type(error).__name__}: {str(error)[:300]})") from None
         self.loads += 1
         return adapter

@@ -9,7 +9,6 @@ holding a second copy of a model on a card that has no room for it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -22,6 +21,10 @@ Family = Literal["sd15", "sdxl"]
 Component = Literal["text_encoders", "unet", "vae"]
 COMPONENTS: tuple[Component, ...] = ("text_encoders", "unet", "vae")
 """Loadable parts, each what one stage runs; ``text_encoders`` comes with its tokenizers."""
+_TEXT_ENCODERS: dict[Family, tuple[tuple[str, str], ...]] = {
+    "sd15": (("tokenizer", "text_encoder"),),
+    "sdxl": (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+}
 
 T = TypeVar("T")
 
@@ -52,6 +55,14 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     force_zeros_for_empty_prompt: bool
 
+    @classmethod
+    def with_index(cls, family: Family, model_index: dict[str, Any], *, unet: dict[str, Any],
+                   vae: dict[str, Any], scheduler: dict[str, Any]) -> ModelConfigs:
+        """The configs, the empty-prompt rule from ``model_index.json``'s entries; where they do
+        not say, diffusers' pipelines' own default (SDXL zeroes it, SD1.5 encodes it)."""
+        force_zeros = bool(model_index.get("force_zeros_for_empty_prompt", family == "sdxl"))
+        return cls(family, unet, vae, scheduler, force_zeros)
+
     @property
     def description(self) -> ModelDescription:
         return ModelDescription.from_configs(self.family, self.unet, self.vae)
@@ -72,8 +83,6 @@ class DiffusionModel:
     name: str
     configs: ModelConfigs
     loaded: dict[Component, Any] = field(default_factory=dict)  # TextEncoders, UNet, VAE
-    path: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family(self) -> Family:
@@ -125,8 +134,7 @@ class DiffusionModel:
         ``unet``, ``vae`` (tokenizers hold no tensors)."""
         modules: dict[str, torch.nn.Module] = {}
         if "text_encoders" in self.loaded:
-            for i, encoder in enumerate(self.text_encoders):
-                modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = encoder
+            modules.update(zip(text_encoder_names(self.family), self.text_encoders))
         if "unet" in self.loaded:
             modules["unet"] = self.unet
         if "vae" in self.loaded:
@@ -145,3 +153,13 @@ class DiffusionModel:
     @property
     def latent_channels(self) -> int:
         return int(self.configs.unet["in_channels"])
+
+
+def text_encoder_parts(family: Family) -> tuple[tuple[str, str], ...]:
+    """(tokenizer, text encoder) component names, in order: SD1.5's one pair, SDXL's two (the
+    second pooled), as diffusers' folders, LoRA files and ``modules()`` name them."""
+    return _TEXT_ENCODERS[family]
+
+
+def text_encoder_names(family: Family) -> tuple[str, ...]:
+    return tuple(encoder for _, encoder in _TEXT_ENCODERS[family])

@@ -26,7 +26,7 @@ from pipeline.checkpoints.layout import (
 )
 from pipeline.clip_tokenizer import VOCAB_SIZE, clip_vocabulary
 from pipeline.diffusers_folder import load_folder
-from pipeline.model import DiffusionModel
+from pipeline.model import DiffusionModel, text_encoder_parts
 
 Tensors = dict[str, torch.Tensor]
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -161,11 +161,11 @@ def _settings(model: DiffusionModel) -> dict[str, Any]:
         "scheduler": model.scheduler_config,
         "model_index": {"force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt},
     }
-    for i, (tokenizer, encoder) in enumerate(zip(model.tokenizers, model.text_encoders)):
-        suffix = "" if i == 0 else f"_{i + 1}"
-        settings["text_encoder" + suffix] = {k: v for k, v in encoder.config.to_dict().items() if k in CLIP_SETTINGS}
+    parts = zip(text_encoder_parts(model.family), model.tokenizers, model.text_encoders)
+    for (tokenizer_name, encoder_name), tokenizer, encoder in parts:
+        settings[encoder_name] = {k: v for k, v in encoder.config.to_dict().items() if k in CLIP_SETTINGS}
         if (entry := _tokenizer_entry(tokenizer)) is not None:
-            settings["tokenizer" + suffix] = entry
+            settings[tokenizer_name] = entry
     return settings
 
 

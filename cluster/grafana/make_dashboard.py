@@ -37,6 +37,20 @@ def quantiles(metric: str, by: str, selector: str = SEL, window: str = RATE) -> 
                    f"p{int(q * 100)} {legend_by}", refs[i]) for i, q in enumerate(QUANTILES)]
 
 
+def share(counter: str, result: str) -> str:
+    """The share of ``counter``'s increase that carries ``result`` (0 rather than no data when
+    none does)."""
+    return (f'(sum(rate({counter}{{{SEL}, result="{result}"}}[{RATE}])) or vector(0)) '
+            f"/ sum(rate({counter}{{{SEL}}}[{RATE}]))")
+
+
+def by_deployment(*series: tuple[str, str], first_ref: str = "A") -> list[dict[str, Any]]:
+    """One ``sum by (deployment)`` target per (metric, legend word), refs from ``first_ref`` on."""
+    start = ord(first_ref)
+    return [target(f"sum by (deployment) ({metric}{{{SEL}}})", f"{word} {{{{deployment}}}}",
+                   chr(start + i)) for i, (metric, word) in enumerate(series)]
+
+
 def timeseries(title: str, targets: list[dict[str, Any]], unit: str = "short",
                description: str = "", stack: bool = False, width: int = 8) -> dict[str, Any]:
     custom: dict[str, Any] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10,
@@ -95,10 +109,9 @@ def per_forward(part: str) -> str:
     return f"sum by (model) ({rows}) / sum by (model) ({forwards})"
 
 
-def panels() -> list[dict[str, Any]]:
+def traffic_panels() -> list[dict[str, Any]]:
+    """The requests the Ingress answers, and each stage's latency."""
     req = raydiance("requests_total")
-    steps = raydiance("denoise_steps_total")
-    lookups = raydiance("embedding_cache_lookups_total")
     return [
         row("Traffic"),
         timeseries("Requests/s by endpoint", [target(
@@ -118,14 +131,19 @@ def panels() -> list[dict[str, Any]]:
                    quantiles(raydiance("stage_latency_seconds"), "stage"), "s",
                    "encode: TextEncoder (a cache hit is ~0); denoise: the engine, first step to "
                    "last; decode: VAEDecoder incl. PNG.", width=12),
+    ]
 
+
+def engine_panels() -> list[dict[str, Any]]:
+    """The Denoiser's engine: queueing, First Block Cache, batch fill, step time."""
+    steps = raydiance("denoise_steps_total")
+    return [
         row("Denoiser engine"),
         timeseries("Time queued before the engine", quantiles(
             raydiance("denoise_queue_seconds"), "model"), "s",
             "From reaching a Denoiser replica to the engine running the request's first step."),
-        timeseries("First Block Cache hit ratio", [target(
-            f'(sum(rate({steps}{{{SEL}, result="cached"}}[{RATE}])) or vector(0)) '
-            f"/ sum(rate({steps}{{{SEL}}}[{RATE}]))", "cached / all steps")], "percentunit",
+        timeseries("First Block Cache hit ratio", [target(share(steps, "cached"), "cached / all steps")],
+                   "percentunit",
             "Share of denoising steps that First Block Cache skipped."),
         timeseries("Steps/s computed vs cached", [target(
             f"sum by (result) (rate({steps}{{{SEL}}}[{RATE}]))", "{{result}}")], "short",
@@ -148,31 +166,36 @@ def panels() -> list[dict[str, Any]]:
             "{{deployment}} {{replica}}")], "short",
             "Requests inside each Denoiser replica's engine (running or waiting for the next "
             "forward).", width=6),
+    ]
 
+
+def serve_panels() -> list[dict[str, Any]]:
+    """Serve's replicas and queues, and the TextEncoder's embedding cache."""
+    return [
         row("Serve: replicas and queues"),
-        timeseries("Active and queued requests per deployment", [
-            target(f"sum by (deployment) (ray_serve_replica_processing_queries{{{SEL}}})",
-                   "active {{deployment}}", "A"),
-            target(f"sum by (deployment) (ray_serve_deployment_queued_queries{{{SEL}}})",
-                   "queued {{deployment}}", "B")], "short",
+        timeseries("Active and queued requests per deployment", by_deployment(
+            ("ray_serve_replica_processing_queries", "active"),
+            ("ray_serve_deployment_queued_queries", "queued")), "short",
             "Active: being processed by replicas; queued: waiting in callers' handles for a "
             "replica.", width=6),
-        timeseries("Replicas per deployment", [
-            target(f"sum by (deployment) (ray_serve_deployment_replica_healthy{{{SEL}}})",
-                   "healthy {{deployment}}", "A"),
-            target(f"sum by (deployment) (ray_serve_autoscaling_target_replicas{{{SEL}}})",
-                   "target {{deployment}}", "B")], "short",
+        timeseries("Replicas per deployment", by_deployment(
+            ("ray_serve_deployment_replica_healthy", "healthy"),
+            ("ray_serve_autoscaling_target_replicas", "target")), "short",
             "Replicas passing Serve's health checks, and the autoscaler's target: a gap between "
             "the two is replicas starting, failing or being replaced.", width=6),
         deployment_health(),
         timeseries("Text embedding cache", [
-            target(f'(sum(rate({lookups}{{{SEL}, result="hit"}}[{RATE}])) or vector(0)) '
-                   f"/ sum(rate({lookups}{{{SEL}}}[{RATE}]))", "hit ratio", "A"),
-            target(f"sum by (deployment) ({raydiance('embedding_cache_entries')}{{{SEL}}})",
-                   "entries {{deployment}}", "B")], "short",
+            target(share(raydiance("embedding_cache_lookups_total"), "hit"), "hit ratio", "A"),
+            *by_deployment((raydiance("embedding_cache_entries"), "entries"), first_ref="B")],
+            "short",
             "Share of prompt encodings served from the TextEncoder's LRU, and its size.",
             width=6),
+    ]
 
+
+def model_panels() -> list[dict[str, Any]]:
+    """What each stage holds, and model and LoRA loads."""
+    return [
         row("Models: what each stage holds, and loads"),
         timeseries("Model memory by deployment and component", [target(
             f"sum by (deployment, component) ({raydiance('replica_model_bytes')}{{{SEL}}})",
@@ -186,7 +209,12 @@ def panels() -> list[dict[str, Any]]:
         timeseries("Load time over the dashboard range (p50/p95/p99)", quantiles(
             raydiance("model_load_seconds"), "kind, model", window="$__range"), "s",
             "How long loading a model or LoRA onto a replica's device took."),
+    ]
 
+
+def node_panels() -> list[dict[str, Any]]:
+    """Ray's node metrics: CPU, memory, GPUs."""
+    return [
         row("Nodes (Ray)"),
         timeseries("Node CPU", [target("avg by (ip) (ray_node_cpu_utilization)", "{{ip}}")],
                    "percent", "CPU utilisation per node, from Ray's node metrics.", width=6),
@@ -205,6 +233,10 @@ def panels() -> list[dict[str, Any]]:
             "avg by (ip, GpuIndex) (ray_node_gpus_utilization)", "{{ip}} gpu {{GpuIndex}}")],
             "percent", "Empty on nodes without GPUs.", width=6),
     ]
+
+
+def panels() -> list[dict[str, Any]]:
+    return [*traffic_panels(), *engine_panels(), *serve_panels(), *model_panels(), *node_panels()]
 
 
 def layout(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ CLIP_SDXL = "conditioner.embedders.0.transformer."
 OPEN_CLIP_SDXL = "conditioner.embedders.1.model."
 METADATA_KEY = "raydiance.config"
 """Safetensors metadata entry with the settings the weights' shapes cannot tell (norm groups,
-attention heads, activation, scheduler, a non-CLIP tokenizer): written by ``save_checkpoint``,
-absent from checkpoints made elsewhere, where the bundled SD1.5/SDXL configs hold."""
+attention heads, activation, scheduler, a non-CLIP tokenizer): written by
+``tools.checkpoint_writer``, absent from checkpoints made elsewhere, where the bundled SD1.5/SDXL
+configs hold."""
 
 Shapes = dict[str, tuple[int, ...]]
 

@@ -47,6 +47,7 @@ from pipeline.checkpoints.layout import (
     UNET,
     VAE,
     Header,
+    Shapes,
     detect_family,
     read_header,
     with_prefix,
@@ -55,8 +56,9 @@ from pipeline.clip_tokenizer import clip_tokenizer, tokenizer_from_files
 from pipeline.configs import bundled_config
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders
-from pipeline.pickles import refuse_pickles
+from pipeline.model import (COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders,
+                            text_encoder_parts)
+from pipeline.pickles import SAFETENSORS
 
 # from_single_file ends with ``model.to(torch_dtype)``, on which diffusers 0.42 warns about the
 # modules to keep in fp32 even when there are none ("...: []"); the dtype is already right.
@@ -65,6 +67,7 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(
 
 Tensors = dict[str, torch.Tensor]
 ReadTensors = Callable[[str, torch.dtype], Tensors]  # (key prefix, dtype) -> that component's tensors
+Dimensions = Callable[[Shapes], dict[str, Any]]  # a component's shapes -> its config's dimensions
 
 
 def read_configs(path: Path) -> tuple[Header, ModelConfigs]:
@@ -84,19 +87,16 @@ def read_configs(path: Path) -> tuple[Header, ModelConfigs]:
     if "ztsnr" in header.shapes:
         scheduler["rescale_betas_zero_snr"] = True
     index = {**bundled_config(family, "model_index"), **settings.get("model_index", {})}
-    return header, ModelConfigs(family, unet, vae, scheduler,
-                                bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
+    return header, ModelConfigs.with_index(family, index, unet=unet, vae=vae, scheduler=scheduler)
 
 
 def load_checkpoint(path: str | Path, *, components: Collection[Component] = COMPONENTS,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     name: str | None = None) -> DiffusionModel:
-    """Load ``components`` of an SD1.5 or SDXL (Pony, Illustrious, ...) single-file checkpoint."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such checkpoint file")
-    refuse_pickles(path)
-    if path.suffix.lower() != ".safetensors":
+    """Load ``components`` of an SD1.5 or SDXL (Pony, Illustrious, ...) single-file checkpoint
+    (``pipeline.loading.load_model`` checks the path and refuses pickles first)."""
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS:
         raise ModelLoadError(f"{path.name}: a single-file checkpoint must be a .safetensors file")
     header, configs = read_configs(path)
     try:
@@ -104,7 +104,7 @@ def load_checkpoint(path: str | Path, *, components: Collection[Component] = COM
     except KeyError as error:  # a tensor the key conversion needs is not in the file
         raise ModelLoadError(f"{path.name}: incomplete {configs.family} checkpoint "
                              f"(no {error.args[0]!r})") from None
-    return DiffusionModel(name or path.stem, configs, loaded, path, extra={"format": "single_file"})
+    return DiffusionModel(name or path.stem, configs, loaded)
 
 
 def _load_components(path: Path, header: Header, configs: ModelConfigs,
@@ -149,13 +149,9 @@ def _text_encoders(header: Header, family: Family, read: ReadTensors, scratch: P
                    device: torch.device | str, dtype: torch.dtype) -> TextEncoders:
     """SD1.5's CLIP-L, or SDXL's CLIP-L and OpenCLIP bigG (with its pooled projection)."""
     shapes, settings = header.shapes, header.settings
-    parts = [("text_encoder", "tokenizer", CLIP_SD15 if family == "sd15" else CLIP_SDXL, CLIPTextModel,
-              clip_dimensions)]
-    if family == "sdxl":
-        parts.append(("text_encoder_2", "tokenizer_2", OPEN_CLIP_SDXL, CLIPTextModelWithProjection,
-                      open_clip_dimensions))
     tokenizers, encoders = [], []
-    for part, tokenizer_name, prefix, model_class, dimensions in parts:
+    for tokenizer_name, part in text_encoder_parts(family):
+        prefix, model_class, dimensions = _ldm_text_encoder(family, part)
         if model_class is CLIPTextModelWithProjection and prefix + "text_projection" not in shapes:
             raise ModelLoadError(f"{part}: no {prefix}text_projection")
         try:
@@ -173,6 +169,13 @@ def _text_encoders(header: Header, family: Family, read: ReadTensors, scratch: P
         tokenizers.append(tokenizer)
         encoders.append(_placed(part, encoder, device))
     return TextEncoders(tokenizers, encoders)
+
+
+def _ldm_text_encoder(family: Family, part: str) -> tuple[str, type[torch.nn.Module], Dimensions]:
+    """Where text encoder ``part`` lives in the file, its class, and its shapes' reader."""
+    if part == "text_encoder_2":  # SDXL's OpenCLIP bigG, pooled
+        return OPEN_CLIP_SDXL, CLIPTextModelWithProjection, open_clip_dimensions
+    return CLIP_SD15 if family == "sd15" else CLIP_SDXL, CLIPTextModel, clip_dimensions
 
 
 def _tokenizer(family: str, name: str, settings: dict[str, Any]) -> CLIPTokenizer:

@@ -5,43 +5,18 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
-from pipeline.denoise import DenoiseJob
-from pipeline.engine.request import ActiveRequest, EngineRequest, EngineResult
-from pipeline.engine.runner import ActivateAdapters, StepReport, run_step
+from pipeline.conditioning import Conditioning
+from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.engine.observer import EngineObserver, SilentObserver
+from pipeline.engine.request import ActiveRequest, EngineResult, OnStep
+from pipeline.engine.runner import ActivateAdapters, run_step
 from pipeline.engine.scheduler import pick_step_group
+from pipeline.lora import LoraSet
 from pipeline.memory import IDLE_BEFORE_RELEASE_S, release_freed_memory
 from pipeline.model import DiffusionModel
 
-
 logger = logging.getLogger(__name__)
-
-
-class EngineObserver(Protocol):
-    """What the engine tells whoever exports metrics (the deployment); all optional no-ops."""
-
-    def on_forward(self, model: str, step: StepReport, seconds: float) -> None: ...
-
-    def on_finished(self, model: str, result: EngineResult) -> None: ...
-
-    def on_cancelled(self, model: str) -> None: ...
-
-    def on_active(self, count: int) -> None: ...
-
-
-class _Silent:
-    def on_forward(self, model: str, step: StepReport, seconds: float) -> None:
-        pass
-
-    def on_finished(self, model: str, result: EngineResult) -> None:
-        pass
-
-    def on_cancelled(self, model: str) -> None:
-        pass
-
-    def on_active(self, count: int) -> None:
-        pass
 
 
 class DenoiseEngine:
@@ -49,7 +24,8 @@ class DenoiseEngine:
 
     ``submit`` is a coroutine: it returns when the request's last step is done. If the caller
     is cancelled (client gone, handle call cancelled), the request leaves the batch at the next
-    step and no further UNet work is spent on it.
+    step and no further UNet work is spent on it. The scheduler sees only ``active`` (records,
+    no tensors); each record's ``Trajectory`` is the runner's, handed to it by id.
     """
 
     def __init__(self, *, max_batch_rows: int = 16, observer: EngineObserver | None = None,
@@ -57,9 +33,10 @@ class DenoiseEngine:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.max_batch_rows = max_batch_rows
-        self.observer = observer or _Silent()
+        self.observer = observer or SilentObserver()
         self.activate_adapters = activate_adapters
         self.active: list[ActiveRequest] = []
+        self._trajectories: dict[int, Trajectory] = {}  # by record id
         self.forwards = 0
         self.rows = 0  # UNet rows run, over all forwards (rows / forwards: the mean batch)
         self.busy_s = 0.0  # seconds spent in forwards (busy_s / uptime: the UNet's utilisation)
@@ -69,19 +46,22 @@ class DenoiseEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
         self._task: asyncio.Task | None = None
 
-    async def submit(self, model: DiffusionModel, request: EngineRequest) -> EngineResult:
+    async def submit(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams,
+                     adapters: LoraSet = (), on_step: OnStep | None = None) -> EngineResult:
+        """Denoise one image. ``adapters`` names its LoRA set (only equal sets share a forward);
+        ``on_step(done, total)`` hears of every step."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(self._executor, DenoiseJob, model, request.conditioning,
-                                         request.params)
-        active = ActiveRequest(request, model, job, loop.create_future())
-        self.active.append(active)
+        trajectory = await loop.run_in_executor(self._executor, Trajectory, model, conditioning, params)
+        request = ActiveRequest.admit(model, trajectory, adapters, loop.create_future(), on_step)
+        self._trajectories[request.id] = trajectory
+        self.active.append(request)
         self.observer.on_active(len(self.active))
         self._ensure_running()
         self._wake.set()
         try:
-            return await active.future
+            return await request.future
         except asyncio.CancelledError:
-            active.cancelled = True  # the loop drops it before its next step
+            request.cancelled = True  # the loop drops it before its next step
             self._wake.set()
             raise
 
@@ -99,78 +79,77 @@ class DenoiseEngine:
                     self._finish(request, error=error)
 
     async def _iterate(self) -> None:
-        """One engine step: drop the abandoned, pick a group, run it, hand results back."""
-        loop = asyncio.get_running_loop()
+        """One engine step: drop the abandoned, pick a group, run it; or wait for work."""
         self._drop_cancelled()
         group = pick_step_group(self.active, self.max_batch_rows)
-        if not group:
-            self._wake.clear()
-            if self._worked:  # out of work for a while: the freed activations go back to the OS
-                try:
-                    await asyncio.wait_for(self._wake.wait(), IDLE_BEFORE_RELEASE_S)
-                except asyncio.TimeoutError:
-                    self._worked = False
-                    await loop.run_in_executor(self._executor, release_freed_memory)
-                return
+        if group:
+            await self._step(group)
+        else:
+            await self._idle()
+
+    async def _idle(self) -> None:
+        """Wait for work; out of it for a while, give the freed activations back to the OS."""
+        self._wake.clear()
+        if not self._worked:
             await self._wake.wait()
             return
-        self._worked = True
-        now = time.perf_counter()
-        for request in group:
-            request.started = request.started or now
-        model = group[0].model
         try:
-            step = await loop.run_in_executor(self._executor, run_step, model, group,
-                                              self.activate_adapters)
+            await asyncio.wait_for(self._wake.wait(), IDLE_BEFORE_RELEASE_S)
+        except asyncio.TimeoutError:
+            self._worked = False
+            await asyncio.get_running_loop().run_in_executor(self._executor, release_freed_memory)
+
+    async def _step(self, group: list[ActiveRequest]) -> None:
+        self._worked = True
+        start = time.perf_counter()
+        for request in group:
+            request.started = request.started or start
+        trajectories = [self._trajectories[r.id] for r in group]
+        try:
+            step = await asyncio.get_running_loop().run_in_executor(
+                self._executor, run_step, trajectories, group[0].adapters, self.activate_adapters)
         except Exception as error:  # noqa: BLE001 - fail the group, keep serving the rest
             for request in group:
                 self._finish(request, error=error)
             return
-        elapsed = time.perf_counter() - now
+        now = time.perf_counter()
         self.forwards += 1
         self.rows += step.rows
-        self.busy_s += elapsed
-        self.observer.on_forward(model.name, step, elapsed)
-        stepped = time.perf_counter()
+        self.busy_s += now - start
+        self.observer.on_forward(group[0].model_name, step, now - start)
         for request in group:
-            request.last_stepped = stepped
-            if request.request.on_step:
-                try:
-                    request.request.on_step(request.job.step_index, len(request.job.timesteps))
-                except Exception:  # noqa: BLE001 - a progress listener must not stop the denoising
-                    logger.exception("on_step callback failed")
-            if request.job.done:
+            request.advance(now)
+            if request.done:
                 self._finish(request)
 
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self.active if r.cancelled or r.future.done()]:
-            self.active.remove(request)
-            if request.cancelled:
-                self.cancelled += 1
-                self.observer.on_cancelled(request.model.name)
-        self.observer.on_active(len(self.active))
-
-    def _finish(self, request: ActiveRequest, error: Exception | None = None) -> None:
+    def _remove(self, request: ActiveRequest) -> Trajectory | None:
         if request in self.active:
             self.active.remove(request)
         self.observer.on_active(len(self.active))
+        return self._trajectories.pop(request.id, None)
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.active if r.cancelled or r.future.done()]:
+            self._remove(request)
+            if request.cancelled:
+                self.cancelled += 1
+                self.observer.on_cancelled(request.model_name)
+        self.observer.on_active(len(self.active))
+
+    def _finish(self, request: ActiveRequest, error: Exception | None = None) -> None:
+        trajectory = self._remove(request)
         if request.future.done():
             return
+        if error is None:
+            try:
+                result = request.result(trajectory, time.perf_counter())
+            except Exception as failure:  # noqa: BLE001 - an engine bug: fail this request, not hang it
+                error = failure
         if error is not None:
             request.future.set_exception(error)
             return
-        job = request.job
-        started = request.started or request.submitted
-        result = EngineResult(
-            latents=job.latents.detach().to("cpu"),
-            steps_computed=job.cache.steps_computed if job.cache else job.step_index,
-            steps_cached=job.cache.steps_cached if job.cache else 0,
-            cache_decisions=tuple(job.cache.decisions) if job.cache else (False,) * job.step_index,
-            queued_s=started - request.submitted,
-            denoise_s=time.perf_counter() - started,
-        )
         request.future.set_result(result)
-        self.observer.on_finished(request.model.name, result)
+        self.observer.on_finished(request.model_name, result)
 
     async def close(self) -> None:
         if self._task is not None:

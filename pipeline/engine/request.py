@@ -1,33 +1,31 @@
-"""What a caller submits to the engine, what it gets back, and the engine's per-request record."""
+"""The scheduler's record of a request in flight, and what the caller gets back.
+
+As in vLLM's scheduler, the record holds no tensors: its batch key is computed once, when the
+request is admitted, and picking a batch never touches the device. The tensors (sampler state,
+latents, conditioning, cache) live in the request's ``Trajectory`` on the runner's side.
+"""
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 import torch
 
-from pipeline.conditioning import Conditioning
-from pipeline.denoise import DenoiseJob, DenoiseParams
+from pipeline.denoise import Trajectory
 from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
 
+logger = logging.getLogger(__name__)
 _ids = itertools.count()
 
-
-@dataclass
-class EngineRequest:
-    """One image to denoise. ``adapters`` names the LoRA set; only equal sets share a forward."""
-
-    conditioning: Conditioning
-    params: DenoiseParams
-    adapters: LoraSet = ()
-    on_step: Callable[[int, int], None] | None = None  # (steps done, steps total), for progress
+OnStep = Callable[[int, int], None]  # (steps done, steps total), for progress
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineResult:
     latents: torch.Tensor  # (1, C, h, w) on the CPU
     steps_computed: int
@@ -39,22 +37,55 @@ class EngineResult:
 
 @dataclass(eq=False)
 class ActiveRequest:
-    """The engine's record of a request in flight. Compared by identity: field equality would
-    compare tensors (and raise) whenever the engine looks a request up in its list."""
+    """The engine's record of one request in flight. Compared by identity (the engine looks
+    records up in its list)."""
 
-    request: EngineRequest
-    model: DiffusionModel  # held, not looked up per step: a model evicted meanwhile stays usable
-    job: DenoiseJob
+    model_name: str
+    batch_key: Hashable  # only requests with equal keys share a forward
+    adapters: LoraSet
+    rows: int  # rows it adds to each forward
+    steps_total: int
     future: asyncio.Future
+    on_step: OnStep | None = None
     id: int = field(default_factory=lambda: next(_ids))
+    steps_done: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     last_stepped: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    forwards: int = 0
+
+    @classmethod
+    def admit(cls, model: DiffusionModel, trajectory: Trajectory, adapters: LoraSet,
+              future: asyncio.Future, on_step: OnStep | None = None) -> ActiveRequest:
+        """The record of a request just built: same weights (model and LoRA set), same latent
+        shape and dtype make the batch key."""
+        latents = trajectory.latents
+        key = (id(model), adapters, tuple(latents.shape), latents.dtype)
+        return cls(model.name, key, adapters, trajectory.rows, len(trajectory.timesteps), future,
+                   on_step)
 
     @property
-    def batch_key(self) -> Hashable:
-        """Requests share a UNet forward only if this is equal: same weights, same tensor shape."""
-        latents = self.job.latents
-        return (id(self.model), self.request.adapters, tuple(latents.shape), latents.dtype)
+    def done(self) -> bool:
+        return self.steps_done >= self.steps_total
+
+    def advance(self, now: float) -> None:
+        """One step of this request ran: the one place its record moves (and its caller hears)."""
+        self.steps_done += 1
+        self.last_stepped = now
+        if self.on_step is not None:
+            try:
+                self.on_step(self.steps_done, self.steps_total)
+            except Exception:  # noqa: BLE001 - a progress listener must not stop the denoising
+                logger.exception("on_step callback failed")
+
+    def result(self, trajectory: Trajectory, now: float) -> EngineResult:
+        """What the caller gets back, from the record and its finished trajectory."""
+        if trajectory.step_index != self.steps_done:
+            raise RuntimeError(f"request {self.id}: trajectory at step {trajectory.step_index}, "
+                               f"record at {self.steps_done}")
+        started = self.started or self.submitted
+        decisions = trajectory.decisions
+        return EngineResult(latents=trajectory.latents.detach().to("cpu"),
+                            steps_computed=self.steps_done - sum(decisions),
+                            steps_cached=sum(decisions), cache_decisions=decisions,
+                            queued_s=started - self.submitted, denoise_s=now - started)

@@ -1,4 +1,4 @@
-"""Deciding which requests take the next step: plain Python, no tensors."""
+"""Deciding which requests take the next step: plain Python over records, no tensors."""
 from __future__ import annotations
 
 from pipeline.engine.request import ActiveRequest
@@ -11,7 +11,7 @@ def pick_step_group(active: list[ActiveRequest], max_batch_rows: int) -> list[Ac
     starves); then every request with that key joins in the same order, while rows fit.
     A request whose rows alone exceed ``max_batch_rows`` still runs, alone.
     """
-    live = [r for r in active if not r.cancelled and not r.job.done]
+    live = [r for r in active if not r.cancelled and not r.done]
     if not live:
         return []
     live.sort(key=lambda r: (r.last_stepped, r.id))
@@ -20,8 +20,8 @@ def pick_step_group(active: list[ActiveRequest], max_batch_rows: int) -> list[Ac
     for candidate in live:
         if candidate.batch_key != key:
             continue
-        if group and rows + candidate.job.rows > max_batch_rows:
+        if group and rows + candidate.rows > max_batch_rows:
             break
         group.append(candidate)
-        rows += candidate.job.rows
+        rows += candidate.rows
     return group

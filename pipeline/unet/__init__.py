@@ -1,2 +1,10 @@
-"""The UNet forward as the engine runs it: many requests' rows in one batch with per-row
-timesteps, the head/tail split at the first block, and caches as strategies of that forward."""
+"""The UNet forward as the engine runs it: many requests' rows in one batch, each row at its own
+timestep, and the caches as strategies of that forward.
+
+- ``forward``: one request's rows, their concatenation (SDXL's added conditioning included) and
+  the plain batched forward.
+- ``split``: ``UNet2DConditionModel.forward`` cut at the First Block Cache head (head, tail,
+  output layers), bitwise the forward of the diffusers version it names.
+- ``cache_config``, ``cache_state``, ``first_block_cache``: First Block Cache as a strategy: a
+  config, a per-request state from ``new_state(steps)``, one ``forward(unet, rows, states)``.
+"""

@@ -11,7 +11,7 @@ from deployments import metrics
 from deployments.metrics import EngineMetrics
 from pipeline.conditioning import encode_prompts
 from pipeline.denoise import DenoiseParams
-from pipeline.engine import DenoiseEngine, EngineRequest
+from pipeline.engine import DenoiseEngine
 
 
 @pytest.fixture
@@ -44,8 +44,8 @@ def test_engine_metrics_follow_the_engine(builtin_model, recorded):
         engine = DenoiseEngine(max_batch_rows=8, observer=EngineMetrics())
         try:
             return await asyncio.wait_for(asyncio.gather(*[
-                engine.submit(builtin_model, EngineRequest(
-                    conditioning, DenoiseParams(64, 64, n, 5.0, seed=n))) for n in steps]),
+                engine.submit(builtin_model, conditioning, DenoiseParams(64, 64, n, 5.0, seed=n))
+                for n in steps]),
                 timeout=120)
         finally:
             await engine.close()
@@ -71,8 +71,8 @@ def test_cancelled_requests_are_counted(builtin_model, recorded):
 
     async def run():
         engine = DenoiseEngine(observer=EngineMetrics())
-        task = asyncio.ensure_future(engine.submit(builtin_model, EngineRequest(
-            conditioning, DenoiseParams(64, 64, 50, 5.0, seed=1))))
+        task = asyncio.ensure_future(engine.submit(builtin_model, conditioning,
+                                                   DenoiseParams(64, 64, 50, 5.0, seed=1)))
         try:
             while engine.forwards < 1:
                 await asyncio.sleep(0.01)

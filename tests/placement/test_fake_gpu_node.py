@@ -17,6 +17,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from deployments.settings import PROJECT_ROOT  # noqa: E402
+from tools.local_serve import deploy_config, free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 APP = "fake-gpu"
@@ -45,7 +46,8 @@ def cluster():
     fake = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
                                                           "include_dashboard": False})
     try:
-        # Two fake GPUs; aux_gpu marks the node with the small card, as DESIGN.md describes.
+        # Two fake GPUs; aux_gpu marks the node with the small card, as
+        # cluster/serve_config.gpu.yaml lays the stages out.
         fake.add_node(num_cpus=2, num_gpus=2, resources={"aux_gpu": 1})
         ray.init(address=fake.address)
         fake.wait_for_nodes(timeout=60)
@@ -64,8 +66,6 @@ def placement(deployment: str, timeout_s: float = 60.0) -> dict:
 
 
 def test_auto_placement_on_a_fake_gpu_node_then_config_wins(cluster):
-    from tools.local_serve import deploy_config, free_port, wait_http
-
     port = free_port()
     deploy_config(config(port), timeout_s=240)
     denoiser = placement("Denoiser")

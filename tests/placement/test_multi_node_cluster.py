@@ -31,6 +31,7 @@ from pipeline.unet.cache_config import default_cache_config  # noqa: E402
 from pipeline.denoise import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402
+from tools.local_serve import deploy_config, free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 from tests.integration.conftest import png_pixels  # noqa: E402
@@ -98,8 +99,6 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def service(cluster):
-    from tools.local_serve import deploy_config, free_port, wait_http
-
     port = free_port()
     deploy_config(cluster_config(port), timeout_s=300)
     url = f"http://127.0.0.1:{port}"

@@ -17,6 +17,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from deployments.settings import PROJECT_ROOT  # noqa: E402
+from tools.local_serve import deploy_config, free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 APP = "two-denoisers"
@@ -26,8 +27,6 @@ APP = "two-denoisers"
 def two_denoisers():
     import ray
     from ray import serve
-
-    from tools.local_serve import deploy_config, free_port, wait_http
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, include_dashboard=False)

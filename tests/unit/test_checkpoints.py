@@ -11,7 +11,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoints import METADATA_KEY
-from tools.checkpoint_writer import save_checkpoint
 from pipeline.checkpoints.configs import unet_dimensions, vae_dimensions
 from pipeline.checkpoints.layout import detect_family, read_header, with_prefix
 from pipeline.clip_tokenizer import clip_tokenizer
@@ -20,6 +19,7 @@ from pipeline.denoise import DenoiseParams
 from pipeline.errors import ModelLoadError, UnsafeWeightsError
 from pipeline.generate import generate
 from pipeline.loading import describe_model, load_model
+from tools.checkpoint_writer import save_checkpoint
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 PROMPT = "a red circle on a blue background"

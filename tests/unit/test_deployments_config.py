@@ -7,20 +7,17 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.api_models import (
-    ApiError,
-    GenerateRequest,
-    OpenAIImageRequest,
-    Txt2ImgRequest,
-    from_native,
-    from_openai,
-    from_txt2img,
-    resolve,
-)
-from deployments.app import parse_args
-from pipeline.library import ModelCatalog
+from deployments.api import a1111, native, openai
+from deployments.api.a1111 import Txt2ImgRequest
+from deployments.api.errors import ApiError
+from deployments.api.generation import ServedModels
+from deployments.api.native import GenerateRequest
+from deployments.api.openai import OpenAIImageRequest
+from deployments.app import parse_args, stage_settings
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, Limits, Placement
+from pipeline.errors import NotFoundError
+from pipeline.library import ModelCatalog
 from tools.tiny_shapes import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,8 +64,6 @@ def test_bad_args_fail_naming_the_key(args, field):
     ({"loras_dir": str(MODEL_DIR / "model_index.json")}, "loras_dir"),
 ])
 def test_bad_paths_fail_the_build_naming_them(args, field):
-    from deployments.app import stage_settings
-
     with pytest.raises(Exception, match=field):
         stage_settings(parse_args(args))
 
@@ -93,8 +88,6 @@ def test_catalog_reads_native_size_without_loading(catalog):
 
 
 def test_catalog_serves_a_checkpoints_folder_read_when_asked(tmp_path):
-    from pipeline.errors import NotFoundError
-
     catalog = ModelCatalog({"tiny-shapes": str(MODEL_DIR)}, str(tmp_path))
     assert catalog.names() == ["tiny-shapes"]
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
@@ -104,37 +97,38 @@ def test_catalog_serves_a_checkpoints_folder_read_when_asked(tmp_path):
         catalog.path("nope")
 
 
-def check(generation, catalog, limits=Limits()):
-    return resolve(generation, catalog, "tiny-shapes", limits)
+def served(catalog, limits=Limits()):
+    return ServedModels(catalog, "tiny-shapes", limits, loras=None)
 
 
 def test_resolve_fills_defaults_and_draws_a_seed(catalog):
-    job = check(from_native(GenerateRequest(prompt="a red circle on a blue background")), catalog)
+    job = native.to_generation(GenerateRequest(prompt="a red circle on a blue background"), served(catalog))
     assert (job.width, job.height, job.steps, job.sampler, job.model) == (64, 64, 20, "Euler", "tiny-shapes")
     assert 0 <= job.seed < 2**32
 
 
-@pytest.mark.parametrize("generation,field,status", [
-    (from_native(GenerateRequest(prompt="x", width=2048)), "width", None),
-    (from_native(GenerateRequest(prompt="x", steps=101)), "steps", None),
-    (from_native(GenerateRequest(prompt="x", sampler="nope")), "sampler", None),
-    (from_native(GenerateRequest(prompt="x", model="nope")), "model", 404),
-    (from_native(GenerateRequest(prompt="x" * 2001)), "prompt", 413),
-    (from_openai(OpenAIImageRequest(prompt="x", size="64x60")), "size", None),
-    (from_openai(OpenAIImageRequest(prompt="x", n=5)), "n", None),
-    (from_txt2img(Txt2ImgRequest(prompt="x", cfg_scale=5, sampler_name="nope"), None), "sampler_name", None),
-    (from_txt2img(Txt2ImgRequest(prompt="x", batch_size=5), None), "batch_size", None),
+@pytest.mark.parametrize("to_generation,body,field,status", [
+    (native.to_generation, GenerateRequest(prompt="x", width=2048), "width", None),
+    (native.to_generation, GenerateRequest(prompt="x", steps=101), "steps", None),
+    (native.to_generation, GenerateRequest(prompt="x", sampler="nope"), "sampler", None),
+    (native.to_generation, GenerateRequest(prompt="x", model="nope"), "model", 404),
+    (native.to_generation, GenerateRequest(prompt="x" * 2001), "prompt", 413),
+    (openai.to_generation, OpenAIImageRequest(prompt="x", size="64x60"), "size", None),
+    (openai.to_generation, OpenAIImageRequest(prompt="x", n=5), "n", None),
+    (a1111.to_generation, Txt2ImgRequest(prompt="x", cfg_scale=5, sampler_name="nope"), "sampler_name", None),
+    (a1111.to_generation, Txt2ImgRequest(prompt="x", batch_size=5), "batch_size", None),
 ])
-def test_resolve_errors_speak_the_callers_field_names(catalog, generation, field, status):
+def test_resolve_errors_speak_the_callers_field_names(catalog, to_generation, body, field, status):
     with pytest.raises(ApiError) as raised:
-        check(generation, catalog)
+        to_generation(body, served(catalog))
     assert raised.value.field == field and raised.value.status == status
 
 
-def test_openai_refuses_urls_and_a1111_maps_karras():
+def test_openai_refuses_urls_and_a1111_maps_karras(catalog):
     with pytest.raises(ApiError, match="response_format"):
-        from_openai(OpenAIImageRequest(prompt="x", response_format="url"))
-    generation = from_txt2img(Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M", scheduler="karras"), None)
+        openai.to_generation(OpenAIImageRequest(prompt="x", response_format="url"), served(catalog))
+    generation = a1111.to_generation(Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M", scheduler="karras"),
+                                     served(catalog))
     assert generation.sampler == "DPM++ 2M Karras"
     with pytest.raises(ApiError, match="scheduler"):
-        from_txt2img(Txt2ImgRequest(prompt="x", sampler_name="Euler", scheduler="karras"), None)
+        a1111.to_generation(Txt2ImgRequest(prompt="x", sampler_name="Euler", scheduler="karras"), served(catalog))

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from pipeline.unet.cache_config import FirstBlockCacheConfig
-from pipeline.conditioning import encode_prompts
+from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
-from pipeline.denoise import DenoiseParams, denoise
-from pipeline.engine import DenoiseEngine, EngineRequest
+from pipeline.denoise import DenoiseParams
+from pipeline.engine import DenoiseEngine
+from pipeline.unet.cache_config import FirstBlockCacheConfig
+from tests.unit.denoising import denoise
 
 PROMPTS = ["a red circle on a blue background", "a green square on a white background",
            "a black triangle on a yellow background", "a purple circle on an orange background",
@@ -39,9 +41,17 @@ class Recorder:
 THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.0, 0.3, 0.1, 0.15]
 
 
+class Request(NamedTuple):
+    """What a test submits: ``engine.submit(model, *request)``."""
+
+    conditioning: Conditioning
+    params: DenoiseParams
+    adapters: tuple = ()
+
+
 def _requests(model):
     conditionings = encode_prompts(model, PROMPTS, [None] * len(PROMPTS))
-    return [EngineRequest(c, DenoiseParams(
+    return [Request(c, DenoiseParams(
                 64, 64, steps=6 + 2 * i, seed=100 + i, sampler=SAMPLERS[i], guidance_scale=1.0 + i,
                 cache=FirstBlockCacheConfig(threshold=THRESHOLDS[i], max_consecutive_hits=2 + i % 2)))
             for i, c in enumerate(conditionings)]
@@ -50,7 +60,7 @@ def _requests(model):
 def _solo(model, request):
     async def run():
         engine = DenoiseEngine()
-        result = await asyncio.wait_for(engine.submit(model, request), 60)
+        result = await asyncio.wait_for(engine.submit(model, *request), 60)
         await engine.close()
         return result
 
@@ -64,7 +74,7 @@ def test_each_request_gets_its_solo_result_amid_others(builtin_model):
     async def run():
         engine = DenoiseEngine(max_batch_rows=10, observer=recorder)
         results = await asyncio.wait_for(
-            asyncio.gather(*(engine.submit(builtin_model, r) for r in requests)), 120)
+            asyncio.gather(*(engine.submit(builtin_model, *r) for r in requests)), 120)
         await engine.close()
         return results, engine.forwards
 
@@ -88,23 +98,23 @@ def test_each_request_gets_its_solo_result_amid_others(builtin_model):
 
 def test_cancelled_request_stops_using_the_unet(builtin_model):
     long, short = _requests(builtin_model)[:2]
-    long.params = DenoiseParams(64, 64, steps=200, seed=1)
+    long = long._replace(params=DenoiseParams(64, 64, steps=200, seed=1))
 
     async def run():
         engine = DenoiseEngine(max_batch_rows=8)
-        task = asyncio.ensure_future(engine.submit(builtin_model, long))
+        task = asyncio.ensure_future(engine.submit(builtin_model, *long))
         while engine.forwards < 3:
             await asyncio.sleep(0.005)
         task.cancel()
-        record = next(r for r in engine.active if r.request is long)
-        forwards_at_cancel = record.forwards
-        await asyncio.wait_for(engine.submit(builtin_model, short), 60)  # the engine goes on serving
+        (record,) = engine.active  # the long request's, the only one in flight
+        forwards_at_cancel = record.steps_done
+        await asyncio.wait_for(engine.submit(builtin_model, *short), 60)  # the engine goes on serving
         await engine.close()
         return record, forwards_at_cancel
 
     record, at_cancel = asyncio.run(run())
-    assert record.forwards <= at_cancel + 1  # at most the step already running
-    assert record.job.step_index < 20
+    assert record.steps_done <= at_cancel + 1  # at most the step already running
+    assert record.steps_done < 20
 
 
 def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_result(builtin_model, tmp_path):
@@ -120,14 +130,14 @@ def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_res
     manager = AdapterManager(model, LoraLibrary(tmp_path))
     conditionings = encode_prompts(builtin_model, PROMPTS[:3], [None] * 3)
     sets = [(("a_peft", 1.0),), (("b_kohya", 0.7),), ()]
-    requests = [EngineRequest(c, DenoiseParams(64, 64, steps=8, seed=5 + i), adapters=s)
+    requests = [Request(c, DenoiseParams(64, 64, steps=8, seed=5 + i), adapters=s)
                 for i, (c, s) in enumerate(zip(conditionings, sets))]
     recorder = Recorder()
 
     async def run(batch, max_batch_rows=32):
         engine = DenoiseEngine(max_batch_rows=max_batch_rows, observer=recorder,
                                activate_adapters=lambda m, loras: manager.activate(loras))
-        results = await asyncio.wait_for(asyncio.gather(*(engine.submit(model, r) for r in batch)), 120)
+        results = await asyncio.wait_for(asyncio.gather(*(engine.submit(model, *r) for r in batch)), 120)
         await engine.close()
         return results
 
@@ -143,13 +153,13 @@ def test_requests_finishing_out_of_submission_order_all_complete(builtin_model):
     """The request that finishes first is not the first in the engine's list (a regression: the
     lookup once compared requests field by field, tensors included, and killed the loop)."""
     conditionings = encode_prompts(builtin_model, PROMPTS[:4], [None] * 4)
-    requests = [EngineRequest(c, DenoiseParams(64, 64, steps=12 - 3 * i, seed=i))
+    requests = [Request(c, DenoiseParams(64, 64, steps=12 - 3 * i, seed=i))
                 for i, c in enumerate(conditionings)]
 
     async def run():
         engine = DenoiseEngine(max_batch_rows=8)
         results = await asyncio.wait_for(
-            asyncio.gather(*(engine.submit(builtin_model, r) for r in requests)), 60)
+            asyncio.gather(*(engine.submit(builtin_model, *r) for r in requests)), 60)
         await engine.close()
         return results
 

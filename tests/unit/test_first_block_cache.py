@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
+import diffusers
+from diffusers import UNet2DConditionModel
+
 from pipeline.conditioning import encode_prompts
 from pipeline.decode import decode_latents
-from pipeline.denoise import DenoiseJob, DenoiseParams, denoise, forward_unet
+from pipeline.denoise import DenoiseParams, Trajectory
 from pipeline.errors import InvalidRequestError
-from pipeline.first_block_cache import forward_unet_cached
-from pipeline.unet_parts import decomposed_forward
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
+from pipeline.unet.first_block_cache import FirstBlockCache
+from pipeline.unet.forward import forward
+from pipeline.unet.split import REPRODUCED_DIFFUSERS, run_head, run_out, run_tail
+from tests.unit.denoising import denoise
 
 PROMPT = "a red circle on a blue background"
 NEVER_SKIPS = FirstBlockCacheConfig(threshold=0.5, start=1.0, end=1.0)  # on, so the split forward runs; empty window
@@ -25,12 +30,20 @@ def _denoise(model, prompt: str, params: DenoiseParams) -> torch.Tensor:
     return denoise(model, conditioning, params)
 
 
-def _run_together(model, jobs: list[DenoiseJob]) -> list[list[torch.Tensor]]:
+def decomposed_forward(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+                       encoder_hidden_states: torch.Tensor,
+                       added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Head, tail and output layers on all rows: to be bitwise ``unet(...)[0]``."""
+    head = run_head(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+    return run_out(unet, run_tail(unet, head))
+
+
+def _run_together(model, jobs: list[Trajectory]) -> list[list[torch.Tensor]]:
     """Step the jobs in shared forwards as the engine does; returns each job's noise predictions."""
     outputs: list[list[torch.Tensor]] = [[] for _ in jobs]
     while pending := [i for i, j in enumerate(jobs) if not j.done]:
-        result = forward_unet_cached(model, [jobs[i].unet_rows() for i in pending],
-                                     [jobs[i].cache for i in pending])
+        result = FirstBlockCache.forward(model.unet, [jobs[i].unet_rows() for i in pending],
+                                         [jobs[i].cache for i in pending])
         expected_tail = sum(jobs[i].rows for i, hit in zip(pending, result.cached) if not hit)
         assert result.tail_rows == expected_tail and result.rows == sum(jobs[i].rows for i in pending)
         for i, noise_pred in zip(pending, result.outputs):
@@ -45,7 +58,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 40)])  # 72x40: odd latent sides, forwarded upsample sizes
-def test_decomposed_unet_is_bitwise_diffusers(builtin_model, sdxl_model, size):
+def test_split_unet_is_bitwise_diffusers_0_42(builtin_model, sdxl_model, size):
+    """``pipeline.unet.split`` copies the forward of diffusers 0.42, the version pyproject.toml
+    pins: head, tail and output layers in a row give ``unet(...)`` bit for bit."""
+    assert diffusers.__version__.startswith(REPRODUCED_DIFFUSERS + "."), (
+        f"the split copies diffusers {REPRODUCED_DIFFUSERS}'s forward; installed: {diffusers.__version__}")
     torch.manual_seed(0)
     for model, factor in [(builtin_model, 4), (sdxl_model, 8)]:
         unet = model.unet
@@ -79,18 +96,18 @@ def test_threshold_zero_is_bitwise_uncached_sdxl(sdxl_model, size):
                                                                        seed=5, cache=cache)), reference)
 
 
-def test_batch_of_misses_is_bitwise_forward_unet(builtin_model):
+def test_batch_of_misses_is_bitwise_plain_forward(builtin_model):
     """With caches on but nobody skipping, a shared forward equals the plain one, row for row."""
     conds = encode_prompts(builtin_model, [PROMPT, "a green square on a white background"], [None, None])
-    jobs = [DenoiseJob(builtin_model, c, DenoiseParams(64, 64, steps=4, seed=i, cache=NEVER_SKIPS))
+    jobs = [Trajectory(builtin_model, c, DenoiseParams(64, 64, steps=4, seed=i, cache=NEVER_SKIPS))
             for i, c in enumerate(conds)]
     rows = [j.unet_rows() for j in jobs]
-    result = forward_unet_cached(builtin_model, rows, [j.cache for j in jobs])
-    for ours, plain in zip(result.outputs, forward_unet(builtin_model, rows)):
+    result = FirstBlockCache.forward(builtin_model.unet, rows, [j.cache for j in jobs])
+    for ours, plain in zip(result.outputs, forward(builtin_model.unet, rows)):
         assert torch.equal(ours, plain)
     assert result.tail_rows == result.rows == 4 and [j.cache.steps_computed for j in jobs] == [1, 1]
     with pytest.raises(ValueError):
-        forward_unet_cached(builtin_model, rows, [jobs[0].cache])
+        FirstBlockCache.forward(builtin_model.unet, rows, [jobs[0].cache])
 
 
 @pytest.mark.parametrize("mode", ["reuse", "residual"])
@@ -102,7 +119,7 @@ def test_cache_skips_steps_and_stays_close(builtin_model, mode):
     for seed, cond in enumerate(conds):
         params = DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=seed)
         plain = denoise(builtin_model, cond, params)
-        job = DenoiseJob(builtin_model, cond, dataclasses.replace(params, cache=config))
+        job = Trajectory(builtin_model, cond, dataclasses.replace(params, cache=config))
         (preds,) = _run_together(builtin_model, [job])
         cache = job.cache
         assert cache.steps_cached >= 8 and cache.steps_computed + cache.steps_cached == 25
@@ -120,7 +137,7 @@ def test_cache_skips_steps_and_stays_close(builtin_model, mode):
 def test_window_and_run_limit(builtin_model):
     (cond,) = encode_prompts(builtin_model, [PROMPT], [None])
     config = FirstBlockCacheConfig(threshold=0.5, start=0.2, end=0.8, max_consecutive_hits=2)
-    job = DenoiseJob(builtin_model, cond, DenoiseParams(64, 64, steps=20, seed=1, cache=config))
+    job = Trajectory(builtin_model, cond, DenoiseParams(64, 64, steps=20, seed=1, cache=config))
     _run_together(builtin_model, [job])
     hits = [i for i, hit in enumerate(job.cache.decisions) if hit]
     assert hits and all(4 <= i < 16 for i in hits)
@@ -142,9 +159,9 @@ def test_batch_invariance_of_decisions_and_images(builtin_model):
         DenoiseParams(64, 64, steps=20, guidance_scale=5.0, seed=4, sampler="DDIM"),
     ]
     conds = encode_prompts(builtin_model, prompts, [None] * len(prompts))
-    alone = DenoiseJob(builtin_model, conds[0], params[0])
+    alone = Trajectory(builtin_model, conds[0], params[0])
     _run_together(builtin_model, [alone])
-    crowd = [DenoiseJob(builtin_model, c, p) for c, p in zip(conds, params)]
+    crowd = [Trajectory(builtin_model, c, p) for c, p in zip(conds, params)]
     _run_together(builtin_model, crowd[1:3] + [crowd[0]] + crowd[3:])  # the watched one mid-batch
     watched = crowd[0]
     assert alone.cache.steps_cached >= 8

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.settings import PROJECT_ROOT
+from deployments.app import build_app
+from deployments.settings import PROJECT_ROOT, AppArgs
+from tools.tiny_shapes import MODEL_DIR
 
 RAYSERVICE = PROJECT_ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 DOCKERFILE = PROJECT_ROOT / "cluster" / "kuberay" / "Dockerfile"
@@ -110,10 +112,6 @@ def test_build_app_accepts_the_embedded_args(serve_config, tmp_path):
     import ray
     from ray import serve
     from ray.serve._private.build_app import build_app as ray_build_app
-
-    from deployments.app import build_app
-    from deployments.settings import AppArgs
-    from tools.tiny_shapes import MODEL_DIR
 
     (app,) = serve_config["applications"]
     args = app["args"]

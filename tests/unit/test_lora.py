@@ -7,16 +7,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tools.checkpoint_writer import unet_to_ldm
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams, denoise
+from pipeline.denoise import DenoiseParams
 from pipeline.errors import InvalidRequestError, NotFoundError
 from pipeline.library import CheckpointLibrary, LoraLibrary
-from pipeline.lora import AdapterManager, normalize_loras
 from pipeline.loading import load_model
-from tools.random_models import write_lora_pair
+from pipeline.lora import AdapterManager, normalize_loras
 from pipeline.prompt_loras import parse_prompt_loras
+from tools.checkpoint_writer import unet_to_ldm
+from tools.random_models import write_lora_pair
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
+
+from tests.unit.denoising import denoise
 
 PROMPT = "a red circle on a blue background"
 def latents(model, prompt: str = PROMPT, steps: int = 3) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pipeline.errors import MissingComponentError, ModelLoadError, UnsafeWeights
 from pipeline.loading import load_model
 from pipeline.memory import component_bytes
 from pipeline.model import COMPONENTS
+from tools.checkpoint_writer import save_checkpoint
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 
@@ -60,8 +61,6 @@ def test_missing_and_foreign_folders_are_clear_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def sdxl_file(sdxl_model, tmp_path_factory):
-    from tools.checkpoint_writer import save_checkpoint
-
     return save_checkpoint(sdxl_model, tmp_path_factory.mktemp("ckpt") / "xl.safetensors")
 
 

@@ -6,8 +6,9 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams, denoise
+from pipeline.denoise import DenoiseParams
 from pipeline.samplers import SAMPLERS, make_scheduler
+from tests.unit.denoising import denoise
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 
 TOLERANCE = 1e-4
@@ -31,6 +32,12 @@ def _ours(model, prompt: str, params: DenoiseParams, negative: str | None) -> to
     return denoise(model, conditioning, params)
 
 
+def _gap(model, pipe, prompt: str, params: DenoiseParams, negative: str | None) -> float:
+    """The largest latent difference between ours and diffusers' pipeline, same request."""
+    expected = _diffusers_latents(pipe, params.sampler, prompt, params, negative)
+    return (_ours(model, prompt, params, negative) - expected).abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def sd15_pipe():
     pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_MODEL, local_files_only=True)
@@ -48,10 +55,8 @@ def sdxl_pipe(sdxl_folder):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_sd15_latents_match_diffusers(builtin_model, sd15_pipe, sampler):
     params = DenoiseParams(width=64, height=64, steps=12, guidance_scale=5.0, seed=7, sampler=sampler)
-    prompt = "a green square on a purple background"
-    expected = _diffusers_latents(sd15_pipe, sampler, prompt, params, None)
-    actual = _ours(builtin_model, prompt, params, None)
-    assert (actual - expected).abs().max().item() <= TOLERANCE
+    assert _gap(builtin_model, sd15_pipe, "a green square on a purple background", params,
+                None) <= TOLERANCE
 
 
 def test_sd15_with_negative_prompt_and_odd_size(builtin_model, sd15_pipe):
@@ -66,13 +71,10 @@ def test_sd15_with_negative_prompt_and_odd_size(builtin_model, sd15_pipe):
                                               ("Euler a", "")])
 def test_sdxl_latents_match_diffusers(sdxl_model, sdxl_pipe, sampler, negative):
     params = DenoiseParams(width=128, height=128, steps=6, guidance_scale=6.0, seed=11, sampler=sampler)
-    prompt = "a yellow triangle on a black background"
-    expected = _diffusers_latents(sdxl_pipe, sampler, prompt, params, negative)
-    actual = _ours(sdxl_model, prompt, params, negative)
-    assert (actual - expected).abs().max().item() <= TOLERANCE
+    assert _gap(sdxl_model, sdxl_pipe, "a yellow triangle on a black background", params,
+                negative) <= TOLERANCE
 
 
 def test_guidance_off_uses_one_row(builtin_model, sd15_pipe):
     params = DenoiseParams(width=64, height=64, steps=5, guidance_scale=1.0, seed=5)
-    expected = _diffusers_latents(sd15_pipe, "Euler", "a black square", params, None)
-    assert (_ours(builtin_model, "a black square", params, None) - expected).abs().max() <= TOLERANCE
+    assert _gap(builtin_model, sd15_pipe, "a black square", params, None) <= TOLERANCE

@@ -3,9 +3,10 @@
 ``run_head`` does the time (and SDXL added) embeddings, ``conv_in`` and the first resnet (and
 its attention, where the block has one) of ``down_blocks[0]``; ``run_tail`` the rest of the
 down path, the mid block and the up blocks; ``run_out`` the output layers. Run one after the
-other on the same rows they do exactly the ops of diffusers 0.42's forward, in the same order,
-so the result is bitwise the same; in between, the caller may drop rows (the cache hits) and run
-the tail only for the others.
+other on the same rows they do exactly the ops of the forward of diffusers
+``REPRODUCED_DIFFUSERS`` (pyproject.toml pins it; a unit test checks bitwise equality), in the
+same order, so the result is bitwise the same; in between, the caller may drop rows (the cache
+hits) and run the tail only for the others.
 
 Only what SD1.5- and SDXL-family UNets use is supported: no class labels, ControlNet or
 T2I-Adapter residuals, attention masks, GLIGEN or ``cross_attention_kwargs`` (LoRA loaded
@@ -14,10 +15,13 @@ through peft keeps its scale in the layers, so it needs none of these).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
+
+REPRODUCED_DIFFUSERS = "0.42"  # the diffusers minor version whose forward these parts copy
 
 
 @dataclass
@@ -30,14 +34,12 @@ class Head:
     hidden: torch.Tensor  # (rows, C0, h, w): after down_blocks[0]'s first resnet (+ attention)
     forward_upsample_size: bool  # latent side not a multiple of 2**num_upsamplers
 
-    @property
-    def residual(self) -> torch.Tensor:
-        """What the head adds to its input: the signal First Block Cache compares across steps."""
-        return self.hidden - self.stem
+    def select(self, spans: Sequence[slice]) -> Head:
+        """These rows only, for a tail over the cache misses: the spans joined on the device
+        (no index tensor to upload, so no host-device round trip)."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[span] for span in spans])
 
-    def select(self, index: torch.Tensor) -> Head:
-        """These rows only (``index`` a 1-D long tensor), for a tail over the cache misses."""
-        pick = lambda t: t.index_select(0, index)  # noqa: E731
         return Head(pick(self.emb), pick(self.encoder_hidden_states), pick(self.stem),
                     pick(self.hidden), self.forward_upsample_size)
 
@@ -147,10 +149,3 @@ def run_out(unet: UNet2DConditionModel, hidden: torch.Tensor) -> torch.Tensor:
         hidden = unet.conv_act(hidden)
     return unet.conv_out(hidden)
 
-
-def decomposed_forward(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
-                       encoder_hidden_states: torch.Tensor,
-                       added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Head, tail and output layers on all rows: bitwise ``unet(...)[0]`` (the parts' test)."""
-    head = run_head(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
-    return run_out(unet, run_tail(unet, head))

@@ -1,0 +1,117 @@
+"""One generation, whatever the dialect: the neutral request, checked against this server.
+
+Each dialect maps its body onto ``ServedModels.resolve``, which looks the model and LoRAs up,
+fills the defaults, checks the config's limits (in one place, ``_check_limits``), merges the
+cache settings with the family's default and draws the seed. Its errors name the caller's own
+fields: the dialect passes its names for the neutral ones.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pipeline.library import LoraLibrary, ModelCatalog, ModelInfo
+from pipeline.lora import LoraSet, normalize_loras
+from pipeline.samplers import DEFAULT_SAMPLER, canonical_sampler_name
+from pipeline.seeds import MAX_SEED, resolve_seed
+from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
+
+from deployments.api.errors import ApiError, in_callers_terms
+from deployments.api.protocol import MAX_LORAS, CacheRequest
+from deployments.settings import Limits
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A request every dialect agrees on: every value concrete and within this server's limits,
+    the seed drawn. Image ``i`` of ``count`` gets seed ``seed + i``."""
+
+    prompt: str
+    negative_prompt: str | None
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int
+    count: int
+    cache: FirstBlockCacheConfig
+    loras: LoraSet = ()
+
+    def seeds(self) -> list[int]:
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.count)]
+
+    def infotext(self, seed: int) -> str:
+        """A1111's "parameters" text, written into each PNG."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.guidance_scale:g}, "
+                     f"Seed: {seed}, Size: {self.width}x{self.height}, Model: {self.model}")
+        return "\n".join(lines)
+
+
+class ServedModels:
+    """What this server serves and allows: its models, its LoRAs and its limits."""
+
+    def __init__(self, catalog: ModelCatalog, default_model: str, limits: Limits,
+                 loras: LoraLibrary | None) -> None:
+        self.catalog, self.default_model, self.limits, self.loras = catalog, default_model, limits, loras
+
+    def describe(self, name: str, field: str = "model") -> ModelInfo:
+        """A served model's metadata; 404 naming ``field`` for a name that is not served."""
+        with in_callers_terms({"model": field}):
+            return self.catalog.describe(name)
+
+    def lora_names(self) -> list[str]:
+        return self.loras.names() if self.loras is not None else []
+
+    def resolve(self, names: Mapping[str, str], *, prompt: str, negative_prompt: str | None,
+                model: str | None, width: int | None, height: int | None, steps: int,
+                guidance_scale: float, sampler: str | None, seed: int | None, count: int,
+                cache: CacheRequest | None, loras: Sequence[tuple[str, float]]) -> Generation:
+        """The ``Generation`` a dialect's fields ask for; ``names`` maps the neutral field names
+        (``count``, ``cache``...) to the dialect's, for the errors. The fields' fixed bounds were
+        checked with the body (``deployments.api.protocol``)."""
+        with in_callers_terms(names):
+            info = self.catalog.describe(model or self.default_model)
+            width, height = width or info.native_size, height or info.native_size
+            _check_limits(self.limits, width=width, height=height, steps=steps, count=count,
+                          prompt=prompt, negative_prompt=negative_prompt or "")
+            overrides = cache.overrides() if cache is not None else None
+            return Generation(
+                prompt=prompt, negative_prompt=negative_prompt, model=info.name, width=width,
+                height=height, steps=steps, guidance_scale=float(guidance_scale),
+                sampler=canonical_sampler_name(sampler or DEFAULT_SAMPLER), seed=resolve_seed(seed),
+                count=count, cache=default_cache_config(info.family).with_overrides(overrides),
+                loras=self._checked_loras(loras))
+
+    def _checked_loras(self, loras: Sequence[tuple[str, float]]) -> LoraSet:
+        """Every named LoRA must be a file in the loras folder (404 naming it otherwise)."""
+        if not loras:
+            return ()
+        if self.loras is None:
+            raise ApiError("loras", "this server has no loras_dir configured", status=404,
+                           code="lora_not_found")
+        if len(loras) > MAX_LORAS:
+            raise ApiError("loras", f"{len(loras)} LoRAs; at most {MAX_LORAS} per request")
+        for name, _ in loras:
+            self.loras.resolve(name)
+        return normalize_loras((name.removesuffix(".safetensors"), weight) for name, weight in loras)
+
+
+def _check_limits(limits: Limits, *, width: int, height: int, steps: int, count: int,
+                  prompt: str, negative_prompt: str) -> None:
+    """The bounds this server's config sets (``limits`` in serve_config.yaml)."""
+    for field, value, limit in (("width", width, limits.max_width), ("height", height, limits.max_height),
+                                ("steps", steps, limits.max_steps)):
+        if value > limit:
+            raise ApiError(field, f"{value} is above this server's limit of {limit}")
+    if count > limits.max_images:
+        raise ApiError("count", f"{count} images asked for; this server makes 1.."
+                       f"{limits.max_images} per request")
+    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(field, f"{len(text)} characters; the limit is {limits.max_prompt_chars}",
+                           status=413, code="too_long")

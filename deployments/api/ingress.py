@@ -1,0 +1,58 @@
+"""The Ingress deployment: on each replica, one FastAPI app with the three dialects' routers.
+
+The app is built per replica (``@serve.ingress()`` with ``__serve_build_asgi_app__``), after the
+constructor, so each route reaches this replica's own objects through ``request.app.state``:
+the fan-out over the stages, what the server serves, and each dialect's handler (A1111's
+selected checkpoint and progress are per replica, as they are per server in A1111).
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI
+from pydantic import BaseModel, PositiveFloat
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipeline.library import LoraLibrary
+
+from deployments.api import a1111, native, openai
+from deployments.api.errors import install_error_handlers
+from deployments.api.generation import ServedModels
+from deployments.api.middleware import install_middleware
+from deployments.api.serving import Serving, Stages
+from deployments.settings import Limits, StageSettings
+
+MAX_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
+
+
+class IngressSettings(BaseModel):
+    stage: StageSettings  # where the models and LoRAs are (the Ingress reads metadata only)
+    limits: Limits
+    request_timeout_s: PositiveFloat = 300.0
+
+
+def build_api(serving: Serving, models: ServedModels) -> FastAPI:
+    """The HTTP API over ``serving`` and ``models``; OpenAPI at ``/openapi.json``."""
+    app = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
+                  version="0.1.0")
+    for router in (native.router, openai.router, a1111.router):
+        app.include_router(router)
+    app.state.native = native.NativeApi(serving, models)
+    app.state.openai = openai.OpenAIApi(serving, models)
+    app.state.a1111 = a1111.A1111Api(serving, models)
+    install_error_handlers(app)
+    install_middleware(app, max_body_bytes=MAX_BODY_BYTES)
+    return app
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
+                 vae_decoder: DeploymentHandle, settings: IngressSettings) -> None:
+        stage = settings.stage
+        self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
+        self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
+                                   LoraLibrary(stage.loras_dir) if stage.loras_dir else None)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.serving, self.models)

@@ -1,0 +1,166 @@
+"""The native API: ``POST /v1/generate`` answers a PNG with its parameters, First Block Cache step
+counts and per-stage timings in headers; ``/v1/generate/stream`` is the same request as
+server-sent events; ``GET /v1/models``, ``/v1/loras`` and ``/healthz``."""
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Annotated, Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, JSONServerSentEvent
+
+from pipeline.samplers import DEFAULT_SAMPLER
+
+from deployments.api.errors import ApiError, error_body
+from deployments.api.generation import Generation, ServedModels
+from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, CacheRequest,
+                                      GuidanceScale, ImageSide, LoraRequest, Seed, Steps,
+                                      lora_pairs)
+from deployments.api.serving import Serving
+from deployments.messages import Decoded
+from deployments.reporting import ReportingTask
+
+logger = logging.getLogger("ray.serve")
+PING_S = 15  # a comment line this often keeps proxies from closing a quiet stream
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/generate. Unknown fields are refused so that a typo is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: ImageSide | None = None  # absent: the model's native size
+    height: ImageSide | None = None
+    steps: Steps = DEFAULT_STEPS
+    guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
+    seed: Seed | None = None
+    sampler: str = DEFAULT_SAMPLER
+    model: str | None = None
+    cache: CacheRequest | None = None
+    loras: list[LoraRequest] = Field(default_factory=list)
+
+
+def to_generation(body: GenerateRequest, models: ServedModels) -> Generation:
+    return models.resolve(
+        {}, prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
+        width=body.width, height=body.height, steps=body.steps, guidance_scale=body.guidance_scale,
+        sampler=body.sampler, seed=body.seed, count=1, cache=body.cache, loras=lora_pairs(body.loras))
+
+
+def step_headers(images: list[Decoded]) -> dict[str, str]:
+    """UNet steps run and skipped by First Block Cache, summed over the request's images."""
+    return {"x-raydiance-steps-computed": str(sum(d.steps_computed for d in images)),
+            "x-raydiance-steps-cached": str(sum(d.steps_cached for d in images))}
+
+
+def _image_headers(generation: Generation, decoded: Decoded, total_ms: float) -> dict[str, str]:
+    timings = {**decoded.timings, "total": total_ms}
+    return {
+        **step_headers([decoded]),
+        "x-raydiance-seed": str(generation.seed), "x-raydiance-model": generation.model,
+        "x-raydiance-width": str(generation.width), "x-raydiance-height": str(generation.height),
+        "x-raydiance-steps": str(generation.steps), "x-raydiance-sampler": generation.sampler,
+        "x-raydiance-guidance-scale": f"{generation.guidance_scale:g}",
+        "server-timing": ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items()),
+        **{f"x-raydiance-{k}-ms": f"{v:.1f}" for k, v in timings.items()},
+    }
+
+
+class NativeApi:
+    def __init__(self, serving: Serving, models: ServedModels) -> None:
+        self.serving, self.models = serving, models
+
+    async def generate(self, body: GenerateRequest) -> Response:
+        start = time.perf_counter()
+        generation = to_generation(body, self.models)
+        (decoded,) = await self.serving.generate(generation)
+        headers = _image_headers(generation, decoded, (time.perf_counter() - start) * 1000)
+        return Response(decoded.png, media_type="image/png", headers=headers)
+
+    def stream(self, body: GenerateRequest) -> EventSourceResponse:
+        generation = to_generation(body, self.models)  # a bad request is refused before streaming
+        return EventSourceResponse(self._events(generation), ping=PING_S,
+                                   headers={"x-raydiance-seed": str(generation.seed)})
+
+    async def _events(self, generation: Generation) -> AsyncIterator[JSONServerSentEvent]:
+        """``step`` per denoising step, then ``image``; or ``error`` once streaming has begun.
+        A client gone cancels this generator, and leaving the ``ReportingTask`` cancels the
+        stages' work."""
+        async with ReportingTask(lambda report: self.serving.generate(
+                generation, on_step=lambda _, progress: report(progress))) as task:
+            async for progress in task.reports():
+                yield JSONServerSentEvent({"step": progress.step, "steps": progress.steps}, event="step")
+            try:
+                images = task.result()
+            except ApiError as error:
+                yield JSONServerSentEvent(error_body(error.status or 422, error.field, error.message,
+                                                     error.code), event="error")
+                return
+            except Exception as error:  # noqa: BLE001 - the stream has begun: report, don't raise
+                logger.exception("generation failed mid-stream")
+                yield JSONServerSentEvent(error_body(500, None, f"internal error: {type(error).__name__}",
+                                                     "internal_error"), event="error")
+                return
+        for seed, decoded in zip(generation.seeds(), images):
+            yield JSONServerSentEvent({"seed": seed, "png_base64": base64.b64encode(decoded.png).decode(),
+                                       "steps_computed": decoded.steps_computed,
+                                       "steps_cached": decoded.steps_cached, "timings": decoded.timings},
+                                      event="image")
+
+    def list_models(self) -> dict[str, Any]:
+        data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
+                 "family": info.family, "native_size": info.native_size,
+                 "default": info.name == self.models.default_model}
+                for info in self.models.catalog.describe_all()]
+        return {"object": "list", "data": data}
+
+    def list_loras(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "lora"}
+                                           for name in self.models.lora_names()]}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "default_model": self.models.default_model}
+
+
+def _api(request: Request) -> NativeApi:
+    return request.app.state.native
+
+
+Api = Annotated[NativeApi, Depends(_api)]
+router = APIRouter()
+
+
+@router.post("/v1/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+async def generate(body: GenerateRequest, api: Api) -> Response:
+    return await api.generate(body)
+
+
+@router.post("/v1/generate/stream", response_class=EventSourceResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def generate_stream(body: GenerateRequest, api: Api) -> EventSourceResponse:
+    """``/v1/generate`` as server-sent events: ``step`` after every denoising step (``{"step",
+    "steps"}``), then ``image`` (``{"seed", "png_base64", "steps_computed", "steps_cached",
+    "timings"}``), or ``error`` (the JSON error body) if it fails once streaming has begun. A bad
+    request is refused before streaming, as ``/v1/generate``."""
+    return api.stream(body)
+
+
+@router.get("/v1/models")
+async def models(api: Api) -> dict[str, Any]:
+    return api.list_models()
+
+
+@router.get("/v1/loras")
+async def loras(api: Api) -> dict[str, Any]:
+    return api.list_loras()
+
+
+@router.get("/healthz")
+async def healthz(api: Api) -> dict[str, Any]:
+    return api.health()
