@@ -1,6 +1,6 @@
 """Step-level batching through the HTTP API: engine batching on vs off vs one whole-pipeline app.
 
-    python -m bench.bench_batching [--steps 20] [--concurrency 1,4,16] [--rounds 2]
+    python -m bench.bench_batching [--steps 20] [--concurrency 1,4,16] [--repeats 3] [--no-record]
 
 Images per second at each concurrency, on the built-in model (64x64, Euler, guidance 5), for:
 
@@ -13,23 +13,24 @@ Images per second at each concurrency, on the built-in model (64x64, Euler, guid
    replica, one image at a time per replica (Ray Serve's Stable Diffusion example's shape).
 
 Each app has 2 CPUs of Ray resources on the same 2 cores and they take turns, request wave by
-request wave; one torch thread per process. Prints a table, writes bench/out/batching.png and
-the "batching" section of bench/RESULTS.md.
+request wave, in ``--repeats`` runs (``--rounds``: its older name); one torch thread per process.
+Prints a table, writes bench/out/batching.png and the "batching" section of bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench.bench_dag import NO_CACHE, RAY_CPUS, app, start_ray, throughput  # noqa: E402
-from bench.report import markdown_table, record, save_figure  # noqa: E402
+from bench.local_apps import NO_CACHE, RAY_CPUS, app, deploy_apps, start_ray, throughput_runs  # noqa: E402
+from bench.report import Repeated, markdown_table, parse_args, plot_levels, pyplot, ratio  # noqa: E402
 from pipeline.unet.cache_config import default_cache_config  # noqa: E402
+from tools.local_serve import free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 # series: (app route, extra request fields); the whole-pipeline app ignores the cache field
@@ -45,75 +46,59 @@ def dag_app(name: str, max_batch_rows: int) -> dict:
                [{"name": "Denoiser", "num_replicas": 2, "max_ongoing_requests": 32}])
 
 
+# (label, numerator, denominator): the ratios of the table, each taken within a run
+RATIOS = (("batching / whole", "engine batching", "whole pipeline"),
+          ("batching, cache on / whole", "engine batching, cache on", "whole pipeline"),
+          ("batching / rows 1", "engine batching", "max_batch_rows 1"))
+
+
+def table(rates: dict[str, dict[int, list[float]]], levels: list[int]) -> str:
+    return markdown_table(
+        ["concurrency", *(f"{label} images/s" for label in SERIES), *(label for label, _, _ in RATIOS)],
+        [(c, *(Repeated.of(rates[label][c]) for label in SERIES),
+          *(ratio(rates[a][c], rates[b][c]) for _, a, b in RATIOS)) for c in levels])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per app and level")
-    args = parser.parse_args()
+    args, report = parse_args(parser, "bench.bench_batching", "--rounds")
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    import ray
-
-    from tools.local_serve import deploy_config, free_port, wait_http
-
     start_ray(3 * RAY_CPUS)  # three apps
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    results: dict[str, dict[int, list[float]]] = {label: {c: [] for c in levels} for label in SERIES}
     try:
-        deploy_config({
-            "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [
-                dag_app("batched", 32), dag_app("unbatched", 1),
-                app("whole", "bench.bench_dag:build_whole", {"model_dir": str(MODEL_DIR)}, []),
-            ]}, timeout_s=900)
+        base = deploy_apps(free_port(), [
+            dag_app("batched", 32), dag_app("unbatched", 1),
+            app("whole", "bench.bench_dag:build_whole", {"model_dir": str(MODEL_DIR)}),
+        ], timeout_s=900)
         for route in ("batched", "unbatched"):
             wait_http(f"{base}/{route}/healthz")
-        for _ in range(args.rounds):
-            for c in levels:
-                for label, (route, extra) in SERIES.items():
-                    results[label][c].append(throughput(f"{base}/{route}/v1/generate", c, max(8, 3 * c),
-                                                        args.steps, label, extra=extra))
+        series = {label: (f"{base}/{route}/v1/generate", extra) for label, (route, extra) in SERIES.items()}
+        rates = throughput_runs(series, levels, lambda c: max(8, 3 * c), args.steps, args.repeats)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    rates = {label: {c: statistics.mean(v) for c, v in by_level.items()} for label, by_level in results.items()}
-    table = markdown_table(
-        ["concurrency", *(f"{label} images/s" for label in SERIES), "batching / whole",
-         "batching, cache on / whole", "batching / rows 1"],
-        [(c, *(rates[label][c] for label in SERIES),
-          rates["engine batching"][c] / rates["whole pipeline"][c],
-          rates["engine batching, cache on"][c] / rates["whole pipeline"][c],
-          rates["engine batching"][c] / rates["max_batch_rows 1"][c]) for c in levels])
-    command = f"python -m bench.bench_batching --steps {args.steps} --concurrency {args.concurrency} --rounds {args.rounds}"
-    record("batching: step-level batching through HTTP", command, table,
-           f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5; First Block Cache off except "
-           f"in 'cache on' (the family default: {default_cache_config('sd15')}). "
-           f"Each app has {RAY_CPUS} CPUs of Ray resources on the same 2 cores, used in turn: the "
-           "DAGs as Ingress, TextEncoder, VAEDecoder at 0.1 CPU and 2 Denoisers at 0.8; the whole "
-           "pipeline as 2 replicas of 1 CPU. Target: engine batching >= 2x the whole-pipeline app "
-           f"at 16 concurrent clients. Mean of {args.rounds} runs of max(8, 3 x concurrency) requests.")
-    plot(levels, rates, args.steps)
+    report.record("batching: step-level batching through HTTP", table(rates, levels),
+                  f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5; First Block Cache off except "
+                  f"in 'cache on' (the family default: {default_cache_config('sd15')}). "
+                  f"Each app has {RAY_CPUS} CPUs of Ray resources on the same 2 cores, used in turn: the "
+                  "DAGs as Ingress, TextEncoder, VAEDecoder at 0.1 CPU and 2 Denoisers at 0.8; the whole "
+                  "pipeline as 2 replicas of 1 CPU. Target: engine batching >= 2x the whole-pipeline app "
+                  "at 16 concurrent clients. A run sends max(8, 3 x concurrency) requests from that many "
+                  f"clients to each app in turn, after one warm-up request; {args.repeats} runs.")
+    report.save_figure(plot(levels, rates, args.steps), "batching")
 
 
-def plot(levels: list[int], rates: dict, steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(levels: list[int], rates: dict[str, dict[int, list[float]]], steps: int):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, colour in zip(SERIES, ("tab:blue", "tab:green", "tab:orange", "tab:gray")):
-        ax.plot(levels, [rates[label][c] for c in levels], marker="o", label=label, color=colour)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(levels, [str(c) for c in levels])
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("images per second")
+    colours = ("tab:blue", "tab:green", "tab:orange", "tab:gray")
+    plot_levels(ax, levels, {label: ([Repeated.of(rates[label][c]) for c in levels], colour)
+                             for label, colour in zip(SERIES, colours)}, "concurrent clients")
     ax.set_title(f"tiny-shapes 64x64, {steps} steps, 2 CPUs per app")
-    ax.legend()
-    save_figure(fig, "batching")
+    return fig
 
 
 if __name__ == "__main__":

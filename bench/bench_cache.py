@@ -1,13 +1,14 @@
 """First Block Cache: a threshold sweep in both modes, against no cache and DeepCache.
 
     python -m bench.bench_cache [--steps 25] [--thresholds 0.05,0.1,...] [--prompts 36]
-                                [--random-prompts 4] [--models builtin,sd15,sdxl] [--no-deepcache]
+                                [--random-prompts 3] [--models builtin,sd15,sdxl] [--deepcache 2,3,5]
+                                [--repeats 3] [--no-record]
 
 Models: the trained built-in tiny-shapes (64x64) and random-weight SD1.5- and SDXL-architecture
-UNets (32x32 latents), 25 Euler steps, guidance 5, one request at a time. For every variant,
-image by image and interleaved with the uncached run of the same prompt and seed (so machine
-noise hits both alike): steps cached, denoise speedup (the UNet loop only: no text encoding, no
-VAE), PSNR of the decoded image against the uncached one, prompt accuracy (built-in model: both
+UNets (32x32 latents), 25 Euler steps, guidance 5, one request at a time, ``--repeats`` runs. For
+every variant, image by image and interleaved with the uncached run of the same prompt and seed
+(so machine noise hits both alike): steps cached, denoise speedup (the UNet loop only: no text
+encoding, no VAE), PSNR of the decoded image against the uncached one, prompt accuracy (built-in model: both
 colours right, ``world.is_correct``, over train and held-out prompts), and the ideal speedup of
 the observed skip pattern from the head's FLOP share (counted on the meta device, where attention
 decomposes into counted matmuls; on CPU FlopCounterMode misses the fused kernel).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import math
 import statistics
 import tempfile
@@ -33,19 +35,19 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from bench.report import markdown_table, record, save_figure
+from bench.report import Repeated, markdown_table, medians, parse_args, pyplot, spreads
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
-from pipeline.denoise import DenoiseJob, DenoiseParams
-from pipeline.first_block_cache import forward_unet_cached
+from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.engine.runner import run_step
 from pipeline.loading import load_model
 from pipeline.model import DiffusionModel
 from tools.random_models import build_random_sd15, build_random_sdxl
 from pipeline.samplers import make_scheduler
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 from tools.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
-from pipeline.unet_parts import run_head, run_out, run_tail
+from pipeline.unet.split import run_head, run_out, run_tail
 
 GUIDANCE = 5.0
 PSNR_CAP = 100.0  # identical images: report 100 dB rather than infinity
@@ -89,11 +91,10 @@ def run_ours(model: DiffusionModel, cond: Conditioning,
              params: DenoiseParams) -> tuple[tuple[float, float], torch.Tensor, int]:
     """(wall, CPU) seconds of the denoising loop, final latents, steps cached."""
     with Clock() as clock:
-        job = DenoiseJob(model, cond, params)
-        while not job.done:
-            (noise_pred,) = forward_unet_cached(model, [job.unet_rows()], [job.cache]).outputs
-            job.advance(noise_pred)
-    return clock.seconds, job.latents, job.cache.steps_cached if job.cache is not None else 0
+        trajectory = Trajectory(model, cond, params)
+        while not trajectory.done:
+            run_step([trajectory])
+    return clock.seconds, trajectory.latents, sum(trajectory.decisions)
 
 
 def head_shares(model: DiffusionModel, latent: int) -> tuple[float, float]:
@@ -162,9 +163,43 @@ def run_deepcache(pipe, prompt: str, params: DenoiseParams,
             helper.disable()
 
 
+def measure_prompt(model: DiffusionModel, pipe, size: int, steps: int, i: int, prompt: str, scene: Scene | None,
+                   cond: Conditioning, variants: list[Variant], tallies: dict[str, Tally]) -> None:
+    """Prompt ``i`` (seed 1000 + i) uncached, then under every variant, into ``tallies``."""
+    base = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i)
+    base_seconds, base_latents, _ = run_ours(model, cond, base)
+    base_pixels = decode_latents(model, base_latents)[0]
+    dc_base: tuple[tuple[float, float], np.ndarray] | None = None
+    for variant in variants:
+        tally = tallies[variant.name]
+        if variant.mode == "deepcache":
+            if dc_base is None:
+                seconds, latents = run_deepcache(pipe, prompt, base, 1)
+                dc_base = (seconds, decode_latents(model, latents)[0])
+            seconds, latents = run_deepcache(pipe, prompt, base, variant.interval)
+            reference_seconds, reference_pixels = dc_base
+            cached = steps - math.ceil(steps / variant.interval)
+        elif variant.mode == "none":
+            seconds, latents, cached = base_seconds, base_latents, 0
+            reference_seconds, reference_pixels = base_seconds, base_pixels
+        else:
+            params = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i,
+                                   cache=variant.config)
+            seconds, latents, cached = run_ours(model, cond, params)
+            reference_seconds, reference_pixels = base_seconds, base_pixels
+        pixels = base_pixels if variant.mode == "none" else decode_latents(model, latents)[0]
+        tally.seconds.append(seconds)
+        tally.base_seconds.append(reference_seconds)
+        tally.steps.append(steps)
+        tally.cached.append(cached)
+        tally.psnr.append(psnr(pixels, reference_pixels))
+        if scene is not None:
+            tally.correct.append(is_correct(Image.fromarray(pixels), scene))
+
+
 def sweep(label: str, model: DiffusionModel, size: int, prompts: list[tuple[str, Scene | None]],
-          variants: list[Variant], steps: int) -> dict[str, Tally]:
-    tallies = {v.name: Tally() for v in variants}
+          variants: list[Variant], steps: int, repeats: int) -> list[dict[str, Tally]]:
+    """Every variant on every prompt, once per run: each run's tallies by variant."""
     conds = encode_prompts(model, [p for p, _ in prompts], [None] * len(prompts))
     pipe = deepcache_pipe(model) if any(v.mode == "deepcache" for v in variants) else None
     # warm-up: first forwards pay allocator and kernel selection
@@ -172,37 +207,14 @@ def sweep(label: str, model: DiffusionModel, size: int, prompts: list[tuple[str,
     run_ours(model, conds[0], warm)
     if pipe is not None:
         run_deepcache(pipe, prompts[0][0], warm, 1)
-    for i, ((prompt, scene), cond) in enumerate(tqdm(list(zip(prompts, conds)), desc=label)):
-        base = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i)
-        base_seconds, base_latents, _ = run_ours(model, cond, base)
-        base_pixels = decode_latents(model, base_latents)[0]
-        dc_base: tuple[tuple[float, float], np.ndarray] | None = None
-        for variant in variants:
-            tally = tallies[variant.name]
-            if variant.mode == "deepcache":
-                if dc_base is None:
-                    seconds, latents = run_deepcache(pipe, prompt, base, 1)
-                    dc_base = (seconds, decode_latents(model, latents)[0])
-                seconds, latents = run_deepcache(pipe, prompt, base, variant.interval)
-                reference_seconds, reference_pixels = dc_base
-                cached = steps - math.ceil(steps / variant.interval)
-            elif variant.mode == "none":
-                seconds, latents, cached = base_seconds, base_latents, 0
-                reference_seconds, reference_pixels = base_seconds, base_pixels
-            else:
-                params = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i,
-                                       cache=variant.config)
-                seconds, latents, cached = run_ours(model, cond, params)
-                reference_seconds, reference_pixels = base_seconds, base_pixels
-            pixels = base_pixels if variant.mode == "none" else decode_latents(model, latents)[0]
-            tally.seconds.append(seconds)
-            tally.base_seconds.append(reference_seconds)
-            tally.steps.append(steps)
-            tally.cached.append(cached)
-            tally.psnr.append(psnr(pixels, reference_pixels))
-            if scene is not None:
-                tally.correct.append(is_correct(Image.fromarray(pixels), scene))
-    return tallies
+    runs = []
+    for run in range(repeats):
+        tallies = {v.name: Tally() for v in variants}
+        for i, ((prompt, scene), cond) in enumerate(tqdm(list(zip(prompts, conds)),
+                                                         desc=f"{label}, run {run + 1}/{repeats}")):
+            measure_prompt(model, pipe, size, steps, i, prompt, scene, cond, variants, tallies)
+        runs.append(tallies)
+    return runs
 
 
 def builtin_prompts(count: int) -> list[tuple[str, Scene]]:
@@ -233,54 +245,80 @@ def make_variants(thresholds: list[float], modes: list[str], deepcache: list[int
     return variants
 
 
-def summarize(model_name: str, tallies: dict[str, Tally], variants: list[Variant],
-              shares: tuple[float, float]) -> list[list[object]]:
-    rows = []
+# (header, key) of the table's figures; a variant without a key shows "-"
+COLUMNS = (("denoise s/image (CPU)", "seconds"), ("steps cached (mean)", "cached"),
+           ("denoise speedup (CPU time)", "speedup"), ("speedup (wall)", "wall"), ("PSNR dB (mean)", "psnr"),
+           ("PSNR dB (min)", "psnr min"), ("accuracy %", "accuracy"), ("ideal speedup", "ideal"),
+           ("measured / ideal", "of ideal"))
+
+
+def run_figures(t: Tally, variant: Variant, shares: tuple[float, float]) -> dict[str, float]:
+    """One run's figures of one variant. The reference (no cache) has no steps cached, speedup
+    or PSNR: they would be 0, 1 and identical by construction."""
+    images, steps, cached = len(t.steps), sum(t.steps), sum(t.cached)
+    figures = {"seconds": sum(s[1] for s in t.seconds) / images}
+    if t.correct:
+        figures["accuracy"] = 100 * statistics.mean(t.correct)
+    if variant.mode == "none":
+        return figures
+    figures.update(cached=cached / images, speedup=sum(b[1] for b in t.base_seconds) / sum(s[1] for s in t.seconds),
+                   wall=sum(b[0] for b in t.base_seconds) / sum(s[0] for s in t.seconds),
+                   psnr=statistics.mean(t.psnr), **{"psnr min": min(t.psnr)})
+    if variant.mode in ("residual", "reuse"):
+        share = shares[1] if variant.mode == "residual" else shares[0]
+        ideal = steps / ((steps - cached) + cached * share)
+        figures.update(ideal=ideal, **{"of ideal": figures["speedup"] / ideal})
+    return figures
+
+
+def summarize(runs: list[dict[str, Tally]], variants: list[Variant],
+              shares: tuple[float, float]) -> list[tuple[Variant, dict[str, Repeated]]]:
+    """Each variant's figures over the runs (a ratio such as the speedup is taken within each run)."""
+    summary = []
     for variant in variants:
-        t = tallies[variant.name]
-        if not t.seconds:
-            continue
-        steps, cached = sum(t.steps), sum(t.cached)
-        wall = sum(b[0] for b in t.base_seconds) / sum(s[0] for s in t.seconds)
-        speedup = sum(b[1] for b in t.base_seconds) / sum(s[1] for s in t.seconds)
-        ideal: object = "-"
-        ratio: object = "-"
-        if variant.mode in ("residual", "reuse", "none"):
-            share = shares[1] if variant.mode == "residual" else shares[0]
-            ideal_value = steps / ((steps - cached) + cached * share)
-            ideal, ratio = ideal_value, speedup / ideal_value
-        accuracy = f"{100 * statistics.mean(t.correct):.0f}%" if t.correct else "-"
-        rows.append([model_name, variant.name, f"{cached / len(t.steps):.1f}/{t.steps[0]}",
-                     speedup, wall, f"{statistics.mean(t.psnr):.1f} / {min(t.psnr):.1f}", accuracy,
-                     ideal, ratio])
-    return rows
+        per_run = [run_figures(tallies[variant.name], variant, shares) for tallies in runs]
+        summary.append((variant, {key: Repeated.of(figures[key] for figures in per_run) for key in per_run[0]}))
+    return summary
 
 
-def plot(results: dict[str, list[list[object]]]) -> Path:
-    import matplotlib
+def table(results: dict[str, list[tuple[Variant, dict[str, Repeated]]]]) -> str:
+    return markdown_table(["model", "variant", *(header for header, _ in COLUMNS)],
+                          [(label, variant.name, *(figures.get(key, "-") for _, key in COLUMNS))
+                           for label, summary in results.items() for variant, figures in summary])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot(results: dict[str, list[tuple[Variant, dict[str, Repeated]]]]):
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (model_name, rows) in zip(axes[0], results.items()):
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for row in rows:
-            name = str(row[1])
-            group = ("DeepCache" if name.startswith("DeepCache") else
-                     "FBC default" if "default" in name else
-                     "FBC reuse (window, limit)" if "(" in name else " ".join(name.split()[:2]))
-            mean_psnr = float(str(row[5]).split(" / ")[0])
-            groups.setdefault(group, []).append((float(row[3]), mean_psnr))
+    for ax, (model_name, summary) in zip(axes[0], results.items()):
+        groups: dict[str, list[tuple[Repeated, Repeated]]] = {}
+        for variant, figures in summary:
+            if "speedup" not in figures:
+                continue
+            group = ("DeepCache" if variant.mode == "deepcache" else
+                     "FBC default" if "default" in variant.name else
+                     "FBC reuse (window, limit)" if "(" in variant.name else f"FBC {variant.mode}")
+            groups.setdefault(group, []).append((figures["speedup"], figures["psnr"]))
         for group, points in groups.items():
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=group)
+            points.sort(key=lambda p: p[0].median)
+            speedups, psnrs = [p[0] for p in points], [p[1] for p in points]
+            ax.errorbar(medians(speedups), medians(psnrs), xerr=spreads(speedups), yerr=spreads(psnrs),
+                        fmt="o-", capsize=2, label=group)
         ax.axhline(30, color="gray", linestyle=":", linewidth=1)
-        ax.set_xlabel("denoise speedup vs uncached (CPU time)")
+        ax.set_xlabel("denoise speedup vs uncached (CPU time; median, min-max)")
         ax.set_ylabel("PSNR vs uncached (dB, 100 = identical)")
         ax.set_title(model_name)
         ax.legend(fontsize=8)
-    return save_figure(fig, "cache")
+    return fig
+
+
+def load(name: str, tmp: Path, prompt_count: int, random_count: int) -> tuple[str, DiffusionModel, int, list]:
+    """(label, model, image side, prompts) of ``builtin``, ``sd15`` or ``sdxl``."""
+    if name == "builtin":
+        return "built-in tiny-shapes 64x64", load_model(BUILTIN_MODEL), 64, builtin_prompts(prompt_count)
+    builder = build_random_sd15 if name == "sd15" else build_random_sdxl
+    model = load_model(builder(tmp / name, latent_size=32))
+    return f"random {name.upper()} 32x32 latents", model, 32 * model.vae_scale_factor, random_prompts(random_count)
 
 
 def main() -> None:
@@ -292,59 +330,46 @@ def main() -> None:
     parser.add_argument("--random-prompts", type=int, default=3, help="random-weight models: prompts")
     parser.add_argument("--models", default="builtin,sd15,sdxl")
     parser.add_argument("--deepcache", default="2,3,5", help="DeepCache intervals ('' for none)")
-    args = parser.parse_args()
+    args, report = parse_args(parser, "bench.bench_cache")
     torch.set_num_threads(1)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     modes = [m for m in args.modes.split(",") if m]
     intervals = [int(n) for n in args.deepcache.split(",") if n]
-    try:
-        import DeepCache  # noqa: F401
-    except ImportError:
+    if intervals and importlib.util.find_spec("DeepCache") is None:
         print("DeepCache not installed (pip install deepcache): peer skipped")
         intervals = []
-    results: dict[str, list[list[object]]] = {}
+    results: dict[str, list[tuple[Variant, dict[str, Repeated]]]] = {}
     notes = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            if name == "builtin":
-                model, size, prompts = load_model(BUILTIN_MODEL), 64, builtin_prompts(args.prompts)
-                label = "built-in tiny-shapes 64x64"
-            else:
-                builder = build_random_sd15 if name == "sd15" else build_random_sdxl
-                model = load_model(builder(Path(tmp) / name, latent_size=32))
-                size, prompts = 32 * model.vae_scale_factor, random_prompts(args.random_prompts)
-                label = f"random {name.upper()} 32x32 latents"
+            label, model, size, prompts = load(name, Path(tmp), args.prompts, args.random_prompts)
             shares = head_shares(model, size // model.vae_scale_factor)
             notes.append(f"{label}: head FLOP share {100 * shares[0]:.1f}% (reuse), "
                          f"{100 * shares[1]:.1f}% with the output layers (residual).")
             variants = make_variants(thresholds, modes, intervals, default_cache_config(model.family))
             try:
-                tallies = sweep(label, model, size, prompts, variants, args.steps)
+                runs = sweep(label, model, size, prompts, variants, args.steps, args.repeats)
             except Exception as error:  # noqa: BLE001 - DeepCache is optional: retry without it
                 if not any(v.mode == "deepcache" for v in variants):
                     raise
                 notes.append(f"{label}: DeepCache failed ({type(error).__name__}: {error}); left out.")
                 variants = [v for v in variants if v.mode != "deepcache"]
-                tallies = sweep(label, model, size, prompts, variants, args.steps)
-            results[label] = summarize(label, tallies, variants, shares)
-            print(markdown_table(HEADER, results[label]))
-    table = markdown_table(HEADER, [row for rows in results.values() for row in rows])
-    command = (f"python -m bench.bench_cache --steps {args.steps} --thresholds {args.thresholds} "
-               f"--prompts {args.prompts} --random-prompts {args.random_prompts} --models {args.models}")
+                runs = sweep(label, model, size, prompts, variants, args.steps, args.repeats)
+            results[label] = summarize(runs, variants, shares)
+            print(table({label: results[label]}))
     notes.append(f"{args.steps} Euler steps, guidance {GUIDANCE}, one request at a time, 1 torch thread. "
-                 "Speedup: the UNet loop only, against the uncached run of the same prompt and seed "
-                 "in the same run (DeepCache: against the same diffusers pipeline uncached), in "
-                 "process CPU time (the machine was shared; wall time beside it); measured / ideal "
-                 "uses the CPU-time speedup. "
-                 "PSNR: decoded image vs uncached, mean / worst (100 = identical). Ideal: steps / "
-                 "(computed + cached x head FLOP share). Accuracy: both colours right (world.is_correct), "
-                 f"{args.prompts} prompts, a third held out.")
-    record("cache: First Block Cache sweep", command, table, "\n".join(f"- {n}" for n in notes))
-    plot(results)
+                 "A run: every prompt uncached, then under every variant in turn (same seed). "
+                 f"{args.repeats} runs. Seconds: the UNet loop only (no text encoding, no VAE; DeepCache: "
+                 "diffusers' pipeline with output_type='latent'), process CPU time (the machine may be "
+                 "shared; the wall-time speedup beside it). Speedup: against the uncached run of the same "
+                 "prompt and seed in the same run (DeepCache: against the same diffusers pipeline "
+                 "uncached); measured / ideal uses the CPU-time speedup. PSNR: "
+                 "decoded image vs uncached, mean and worst over the prompts (100 = identical). Ideal: "
+                 "steps / (computed + cached x head FLOP share). Accuracy: both colours right "
+                 f"(world.is_correct), {args.prompts} prompts, a third held out.")
+    report.record("cache: First Block Cache sweep", table(results), "\n".join(f"- {n}" for n in notes))
+    report.save_figure(plot(results), "cache")
 
-
-HEADER = ["model", "variant", "steps cached", "denoise speedup (CPU time)", "speedup (wall)",
-          "PSNR dB (mean / min)", "accuracy", "ideal speedup", "measured / ideal"]
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """The stage-split DAG against the in-process pipeline and against one whole-pipeline deployment.
 
-    python -m bench.bench_dag [--latency-images 10] [--steps 20] [--concurrency 1,4,16] [--rounds 2]
+    python -m bench.bench_dag [--latency-images 10] [--steps 20] [--concurrency 1,4,16] [--repeats 3] [--no-record]
 
-On the built-in model, 64x64, Euler, guidance 5, on one local Ray (a few minutes on 2 cores):
+On the built-in model, 64x64, Euler, guidance 5, on one local Ray (about 8 minutes on 2 cores at
+the defaults):
 
 1. latency at concurrency 1: ``POST /v1/generate`` through the DAG vs ``pipeline.generate`` in
    this process, interleaved image by image so that machine noise hits both alike: the ratio is
@@ -12,6 +13,8 @@ On the built-in model, 64x64, Euler, guidance 5, on one local Ray (a few minutes
    Diffusion example), with the same CPU budget: 2 CPUs of Ray resources each, one torch thread
    per replica, one image at a time per UNet-holding replica. Both stay deployed and take turns.
 
+Each figure: ``--repeats`` runs (``--rounds`` is its older name), median and min-max.
+
 Prints tables, writes bench/out/dag.png and the "DAG" section of bench/RESULTS.md.
 No ``from __future__ import annotations``: Serve resolves the baseline's route annotations.
 """
@@ -20,27 +23,32 @@ import os
 import statistics
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.responses import Response  # noqa: E402
 from ray import serve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.report import markdown_table, record, save_figure  # noqa: E402
+from bench.local_apps import (GUIDANCE, NO_CACHE, RAY_CPUS, app, body, deploy_apps, post,  # noqa: E402
+                              start_ray, throughput_runs)
+from bench.report import (Repeated, markdown_table, medians, parse_args, plot_levels, pyplot,  # noqa: E402
+                          ratio, spreads)
 from pipeline.denoise import DenoiseParams  # noqa: E402
+from pipeline.generate import generate  # noqa: E402
+from pipeline.images import encode_png  # noqa: E402
+from pipeline.loading import load_model  # noqa: E402
+from pipeline.samplers import make_scheduler  # noqa: E402
+from tools.local_serve import free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
-from tools.tiny_shapes.world import TRAIN_SCENES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RAY_CPUS = 2
-GUIDANCE = 5.0
+IN_PROCESS, DAG, WHOLE = "in-process", "DAG", "whole pipeline"
 
 # --- the baseline: diffusers' whole pipeline in one deployment ----------------------------------
 
@@ -54,24 +62,18 @@ class WholePipeline:
     """One replica = CLIP + UNet + VAE, as in Ray Serve's Stable Diffusion example."""
 
     def __init__(self, model_dir: str) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        from pipeline.images import encode_png
-        from pipeline.samplers import make_scheduler
-
         torch.set_num_threads(1)
         self.pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
         self.pipe.scheduler = make_scheduler("Euler", dict(self.pipe.scheduler.config))
         self.pipe.set_progress_bar_config(disable=True)
-        self.encode_png = encode_png
         self.lock = threading.Lock()  # one image at a time: the replica has one core
 
     @whole_api.post("/v1/generate")
-    def generate(self, body: dict) -> Response:
+    def generate(self, payload: dict) -> Response:
         with self.lock:
-            image = self.pipe(body["prompt"], num_inference_steps=body["steps"], guidance_scale=GUIDANCE,
-                              generator=torch.Generator().manual_seed(body["seed"])).images[0]
-        return Response(self.encode_png(image), media_type="image/png")
+            image = self.pipe(payload["prompt"], num_inference_steps=payload["steps"], guidance_scale=GUIDANCE,
+                              generator=torch.Generator().manual_seed(payload["seed"])).images[0]
+        return Response(encode_png(image), media_type="image/png")
 
 
 def build_whole(args: dict) -> serve.Application:
@@ -80,161 +82,99 @@ def build_whole(args: dict) -> serve.Application:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-# First Block Cache off: the benchmarks compare the same computation (the baseline has no cache;
-# bench_cache measures the cache).
-NO_CACHE = {"cache": {"threshold": 0}}
-
-
-def body(i: int, steps: int, extra: dict | None = None) -> dict:
-    return {"prompt": TRAIN_SCENES[i % len(TRAIN_SCENES)].prompt, "seed": i, "steps": steps,
-            "guidance_scale": GUIDANCE, **(extra or {})}
-
-
-def post(client: httpx.Client, url: str, payload: dict) -> None:
-    response = client.post(url, json=payload)
-    response.raise_for_status()
-
-
-def throughput(url: str, concurrency: int, requests: int, steps: int, label: str,
-               extra: dict | None = None) -> float:
-    """Images per second with ``concurrency`` requests in flight, ``requests`` in all.
-
-    ``extra``: more body fields for Raydiance's API (the whole-pipeline baseline ignores them).
-    """
-    with httpx.Client(timeout=600) as client, ThreadPoolExecutor(concurrency) as pool:
-        post(client, url, body(0, steps, extra))  # warm
-        bar = tqdm(total=requests, desc=f"{label} c={concurrency}", leave=False)
-        start = time.perf_counter()
-        futures = [pool.submit(post, client, url, body(i, steps, extra)) for i in range(requests)]
-        for future in futures:
-            future.result()
-            bar.update()
-        elapsed = time.perf_counter() - start
-        bar.close()
-    return requests / elapsed
-
-
-def latency(urls: dict[str, str], images: int, steps: int) -> dict[str, float]:
-    """Median seconds per image at concurrency 1: in-process and each app over HTTP, interleaved."""
-    from pipeline.generate import generate
-    from pipeline.loading import load_model
-
+def latency(urls: dict[str, str], images: int, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Per run, the median seconds per image at concurrency 1 of the pipeline in this process and
+    of each app over HTTP, sent in turn image by image (same prompt and seed); the first image of
+    each run warms caches and is not counted."""
     torch.set_num_threads(1)
     model = load_model(MODEL_DIR)
-    times: dict[str, list[float]] = {"in-process": [], **{name: [] for name in urls}}
+    runs: dict[str, list[float]] = {IN_PROCESS: [], **{name: [] for name in urls}}
     with httpx.Client(timeout=600) as client:
-        for i in tqdm(range(images + 1), desc="latency, concurrency 1"):
-            payload = body(i, steps, NO_CACHE)
-            params = DenoiseParams(64, 64, steps=steps, guidance_scale=GUIDANCE, seed=i)
-            start = time.perf_counter()
-            generate(model, payload["prompt"], params)
-            seconds = {"in-process": time.perf_counter() - start}
-            for name, url in urls.items():
+        for _ in tqdm(range(repeats), desc="latency runs, concurrency 1"):
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for i in range(images + 1):
+                payload = body(i, steps, NO_CACHE)
+                params = DenoiseParams(64, 64, steps=steps, guidance_scale=GUIDANCE, seed=i)
                 start = time.perf_counter()
-                post(client, url, payload)
-                seconds[name] = time.perf_counter() - start
-            if i:  # the first of each warms caches
-                for name, value in seconds.items():
-                    times[name].append(value)
-    return {name: statistics.median(values) for name, values in times.items()}
+                generate(model, payload["prompt"], params)
+                seconds = {IN_PROCESS: time.perf_counter() - start}
+                seconds.update({name: post(client, url, payload) for name, url in urls.items()})
+                if i:
+                    for name, value in seconds.items():
+                        times[name].append(value)
+            for name, values in times.items():
+                runs[name].append(statistics.median(values))
+    return runs
 
 
-def start_ray(num_cpus: int) -> None:
-    """A local Ray for a benchmark's apps; replicas import bench/ and deployments/ whether or
-    not the project is pip-installed."""
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-
-
-def app(name: str, import_path: str, args: dict, deployments: list[dict]) -> dict:
-    return {"name": name, "route_prefix": f"/{name}", "import_path": import_path, "args": args,
-            "deployments": deployments}
+def tables(latencies: dict[str, list[float]], rates: dict[str, dict[int, list[float]]]) -> str:
+    base = latencies[IN_PROCESS]
+    latency_table = markdown_table(
+        ["concurrency 1", "s/image", "vs in-process"],
+        [(name, Repeated.of(values), "reference" if name == IN_PROCESS else ratio(values, base))
+         for name, values in latencies.items()])
+    throughput_table = markdown_table(
+        ["concurrency", "DAG images/s", "whole-pipeline deployment images/s", "DAG / whole"],
+        [(c, Repeated.of(rates[DAG][c]), Repeated.of(rates[WHOLE][c]), ratio(rates[DAG][c], rates[WHOLE][c]))
+         for c in rates[DAG]])
+    return latency_table + "\n\n" + throughput_table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latency-images", type=int, default=10)
+    parser.add_argument("--latency-images", type=int, default=10, help="timed images per latency run")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--rounds", type=int, default=2, help="throughput runs per app and level")
-    args = parser.parse_args()
+    args, report = parse_args(parser, "bench.bench_dag", "--rounds")
     levels = [int(c) for c in args.concurrency.split(",")]
-
-    import ray
-
-    from tools.local_serve import deploy_config, free_port, wait_http
 
     # Both apps stay deployed, each with RAY_CPUS of Ray resources, and take turns, so that
     # whatever else the machine does hits both alike; the idle one costs next to nothing.
     start_ray(2 * RAY_CPUS)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    urls = {"DAG": f"{base}/dag/v1/generate", "whole pipeline": f"{base}/whole/v1/generate"}
-    results: dict[str, dict[int, list[float]]] = {name: {c: [] for c in levels} for name in urls}
     try:
-        deploy_config({
-            "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [
-                # The DAG in 2 CPUs: two Denoisers (0.8 each), the small stages 0.1 each.
-                app("dag", "deployments.app:build_app",
-                    {"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu"},
-                    [{"name": "Denoiser", "num_replicas": 2}]),
-                app("whole", "bench.bench_dag:build_whole", {"model_dir": str(MODEL_DIR)}, []),
-            ]}, timeout_s=600)  # replicas start slowly on busy cores
+        base = deploy_apps(free_port(), [
+            # The DAG in 2 CPUs: two Denoisers (0.8 each), the small stages 0.1 each.
+            app("dag", "deployments.app:build_app", {"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu"},
+                [{"name": "Denoiser", "num_replicas": 2}]),
+            app("whole", "bench.bench_dag:build_whole", {"model_dir": str(MODEL_DIR)}),
+        ], timeout_s=600)  # replicas start slowly on busy cores
+        urls = {DAG: f"{base}/dag/v1/generate", WHOLE: f"{base}/whole/v1/generate"}
         wait_http(f"{base}/dag/healthz")
-        medians = latency(urls, args.latency_images, args.steps)
-        for _ in range(args.rounds):
-            for c in levels:
-                for name, url in urls.items():
-                    results[name][c].append(throughput(url, c, max(8, 2 * c), args.steps, name,
-                                                       extra=NO_CACHE))
+        latencies = latency(urls, args.latency_images, args.steps, args.repeats)
+        rates = throughput_runs({name: (url, NO_CACHE) for name, url in urls.items()}, levels,
+                                lambda c: max(8, 2 * c), args.steps, args.repeats)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    ratio = medians["DAG"] / medians["in-process"]
-    rates = {name: {c: statistics.mean(v) for c, v in by_level.items()} for name, by_level in results.items()}
-    latency_table = markdown_table(
-        ["concurrency 1", "s/image (median)", "vs in-process"],
-        [(name, value, value / medians["in-process"]) for name, value in medians.items()])
-    throughput_table = markdown_table(
-        ["concurrency", "DAG images/s", "whole-pipeline deployment images/s", "DAG / whole"],
-        [(c, rates["DAG"][c], rates["whole pipeline"][c], rates["DAG"][c] / rates["whole pipeline"][c])
-         for c in levels])
-    command = (f"python -m bench.bench_dag --latency-images {args.latency_images} --steps {args.steps} "
-               f"--concurrency {args.concurrency} --rounds {args.rounds}")
-    record("DAG: latency and throughput", command, latency_table + "\n\n" + throughput_table,
-           f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5. DAG latency / in-process: "
-           f"{ratio:.2f}x (target <= 1.10x). Each app has {RAY_CPUS} CPUs of Ray resources on the "
-           "same 2 cores, used in turn: the DAG as Ingress, TextEncoder, VAEDecoder at 0.1 CPU and "
-           "2 Denoisers at 0.8; the whole pipeline (diffusers' StableDiffusionPipeline) as 2 "
-           "replicas of 1 CPU, one image at a time each. One torch thread per process. "
-           f"Throughput: mean of {args.rounds} runs of max(8, 2 x concurrency) requests.")
-    plot(levels, rates, medians, args.steps)
+    report.record("DAG: latency and throughput", tables(latencies, rates),
+                  f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5, First Block Cache off. "
+                  f"Target: DAG latency / in-process <= 1.10. Each app has {RAY_CPUS} CPUs of Ray "
+                  "resources on the same 2 cores, used in turn: the DAG as Ingress, TextEncoder, "
+                  "VAEDecoder at 0.1 CPU and 2 Denoisers at 0.8; the whole pipeline (diffusers' "
+                  "StableDiffusionPipeline) as 2 replicas of 1 CPU, one image at a time each. One torch "
+                  f"thread per process. Latency: a run sends {args.latency_images} images one at a time, "
+                  "each through the three in turn (same prompt and seed), after one that warms caches; "
+                  "its figure is the median over its images. Throughput: a run sends max(8, 2 x "
+                  "concurrency) requests from that many clients to each app in turn, after one warm-up "
+                  f"request. {args.repeats} runs of each.")
+    report.save_figure(plot(levels, rates, latencies, args.steps), "dag")
 
 
-def plot(levels: list[int], rates: dict, medians: dict[str, float], steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(levels: list[int], rates: dict[str, dict[int, list[float]]], latencies: dict[str, list[float]],
+         steps: int):
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    left.bar(list(medians), list(medians.values()), color=["tab:green", "tab:blue", "tab:gray"])
+    seconds = [Repeated.of(values) for values in latencies.values()]
+    left.bar(list(latencies), medians(seconds), yerr=spreads(seconds), capsize=4,
+             color=["tab:green", "tab:blue", "tab:gray"])
     left.set_ylabel("seconds per image")
     left.set_title("latency, concurrency 1")
-    for key, colour in (("DAG", "tab:blue"), ("whole pipeline", "tab:gray")):
-        right.plot(levels, [rates[key][c] for c in levels], marker="o", label=key, color=colour)
-    right.set_xscale("log", base=2)
-    right.set_xticks(levels, [str(c) for c in levels])
-    right.set_xlabel("concurrent requests")
-    right.set_ylabel("images per second")
+    plot_levels(right, levels, {key: ([Repeated.of(rates[key][c]) for c in levels], colour)
+                                for key, colour in ((DAG, "tab:blue"), (WHOLE, "tab:gray"))}, "concurrent requests")
     right.set_title("throughput, 2 CPUs")
-    right.legend()
-    fig.suptitle(f"tiny-shapes 64x64, {steps} steps")
-    save_figure(fig, "dag")
+    fig.suptitle(f"tiny-shapes 64x64, {steps} steps; median and min-max of the runs")
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """The Denoiser engine in-process, on any device: N requests denoised together vs one at a time.
 
     python -m bench.bench_engine [--arch builtin|sd15|sdxl] [--size PX] [--steps 25] [--requests 1,2,4,8,16] [--cache]
+                                [--repeats 3] [--no-record]
 
 What one Denoiser replica does, without Ray or HTTP. For each N, N requests with different
 seeds are denoised (1) one after another, each alone in its forwards (what ``max_batch_rows`` of
 one request gives), then (2) submitted together to one ``DenoiseEngine``, which runs their steps
-in shared UNet forwards. Prints images/s of both, their ratio, the mean rows per forward, and the
-largest difference between a request's final latents alone and amid the others (batch
-invariance on this device and dtype).
+in shared UNet forwards; each N once per run, ``--repeats`` runs. Prints images/s of both, their
+ratio, the mean rows per forward, and the largest difference between a request's final latents
+alone and amid the others (batch invariance on this device and dtype).
 
 ``builtin``: the tiny-shapes model with real prompts. ``sd15`` / ``sdxl``: the full-size UNet of
 SD1.5 / SDXL base from the bundled configs with random weights and random conditioning of the
@@ -21,17 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from bench.full_size import random_model
-from bench.report import markdown_table, record, save_figure
+from bench.report import Repeated, checked, markdown_table, parse_args, plot_levels, pyplot, ratio
 from pipeline.unet.cache_config import default_cache_config
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
-from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
+from pipeline.engine import DenoiseEngine, EngineResult
 from pipeline.model import DiffusionModel
 
 NATIVE_SIZE = {"builtin": 64, "sd15": 512, "sdxl": 1024}
@@ -75,39 +77,77 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-async def timed(engine: DenoiseEngine, model: DiffusionModel, requests: list[EngineRequest],
+async def timed(engine: DenoiseEngine, model: DiffusionModel, requests: list[tuple[Conditioning, DenoiseParams]],
                 together: bool) -> tuple[float, list[EngineResult]]:
     synchronize(model.unet.device)
     start = time.perf_counter()
     if together:
-        results = await asyncio.gather(*(engine.submit(model, r) for r in requests))
+        results = await asyncio.gather(*(engine.submit(model, *r) for r in requests))
     else:
-        results = [await engine.submit(model, r) for r in requests]
+        results = [await engine.submit(model, *r) for r in requests]
     synchronize(model.unet.device)
     return time.perf_counter() - start, results
 
 
+@dataclass
+class LevelRun:
+    """N requests in one run: one at a time, then together."""
+
+    n: int
+    alone_s: float
+    together_s: float
+    rows_per_forward: float
+    max_diff: float  # the largest |latent alone - latent in the batch| over the requests
+    steps_cached: float  # mean over the requests, in the batch
+    same_decisions: bool  # every request skipped the same steps alone and in the batch
+
+
+async def measure_level(engine: DenoiseEngine, model: DiffusionModel,
+                        requests: list[tuple[Conditioning, DenoiseParams]]) -> LevelRun:
+    n = len(requests)
+    alone_s, alone = await timed(engine, model, requests, together=False)
+    forwards, rows_run = engine.forwards, engine.rows
+    together_s, together = await timed(engine, model, requests, together=True)
+    mean_rows = (engine.rows - rows_run) / (engine.forwards - forwards)
+    diff = max((a.latents.float() - b.latents.float()).abs().max().item() for a, b in zip(alone, together))
+    same = all(a.cache_decisions == b.cache_decisions for a, b in zip(alone, together))
+    cached = sum(r.steps_cached for r in together) / n
+    return LevelRun(n, alone_s, together_s, mean_rows, diff, cached, same)
+
+
 async def measure(model: DiffusionModel, conditioning: list[Conditioning], size: int, steps: int,
-                  levels: list[int], cache: bool) -> list[tuple]:
+                  levels: list[int], cache: bool, repeats: int) -> dict[int, list[LevelRun]]:
+    """Each level once per run, the levels in turn within a run."""
     engine = DenoiseEngine(max_batch_rows=2 * max(levels))
     config = default_cache_config(model.family) if cache else None
-    requests = [EngineRequest(c, DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=i,
+    requests = [(c, DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=i,
                                                cache=config))
                 for i, c in enumerate(conditioning)]
     await timed(engine, model, requests[:2], together=True)  # warm: kernels, allocator
-    rows = []
-    for n in tqdm(levels, desc=f"{model.name} {size}px"):
-        alone_s, alone = await timed(engine, model, requests[:n], together=False)
-        forwards, rows_run = engine.forwards, engine.rows
-        together_s, together = await timed(engine, model, requests[:n], together=True)
-        mean_rows = (engine.rows - rows_run) / (engine.forwards - forwards)
-        diff = max((a.latents.float() - b.latents.float()).abs().max().item() for a, b in zip(alone, together))
-        same = all(a.cache_decisions == b.cache_decisions for a, b in zip(alone, together))
-        cached = sum(r.steps_cached for r in together) / n
-        rows.append((n, n / alone_s, n / together_s, alone_s / together_s, mean_rows, diff, cached,
-                     "yes" if same else "NO"))
+    runs: dict[int, list[LevelRun]] = {n: [] for n in levels}
+    for _ in tqdm(range(repeats), desc=f"{model.name} {size}px, runs"):
+        for n in levels:
+            runs[n].append(await measure_level(engine, model, requests[:n]))
     await engine.close()
-    return rows
+    return runs
+
+
+def table_rows(runs: dict[int, list[LevelRun]], cache: bool) -> tuple[list[str], list[tuple]]:
+    """The header and a row per level. The cache columns only with the cache on: off, every
+    step is computed and the decisions are all-False alike, a check that cannot fail."""
+    header = ["requests", "one at a time images/s", "engine images/s", "engine / one at a time",
+              "rows per forward", "max latent diff"]
+    header += ["steps cached (mean)", "same cache decisions"] if cache else []
+    rows = []
+    for n, level in runs.items():
+        alone = [n / r.alone_s for r in level]
+        together = [n / r.together_s for r in level]
+        row = (n, Repeated.of(alone), Repeated.of(together), ratio(together, alone),
+               Repeated.of(r.rows_per_forward for r in level), Repeated.of(r.max_diff for r in level))
+        if cache:
+            row += (Repeated.of(r.steps_cached for r in level), checked([r.same_decisions for r in level]))
+        rows.append(row)
+    return header, rows
 
 
 def main() -> None:
@@ -118,7 +158,7 @@ def main() -> None:
     parser.add_argument("--requests", default="1,2,4,8,16", help="concurrent request counts")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--cache", action="store_true", help="First Block Cache at the family default")
-    args = parser.parse_args()
+    args, report = parse_args(parser, "bench.bench_engine")
     levels = [int(n) for n in args.requests.split(",")]
     size = args.size or NATIVE_SIZE[args.arch]
 
@@ -131,42 +171,33 @@ def main() -> None:
     else:
         model = random_full_size(args.arch, device, dtype)
         conditioning = random_conditioning(model, max(levels))
-    rows = asyncio.run(measure(model, conditioning, size, args.steps, levels, args.cache))
+    runs = asyncio.run(measure(model, conditioning, size, args.steps, levels, args.cache, args.repeats))
 
-    table = markdown_table(["requests", "one at a time images/s", "engine images/s", "engine / one at a time",
-                            "rows per forward", "max latent diff", "steps cached (mean)",
-                            "same cache decisions"], rows)
-    command = (f"python -m bench.bench_engine --arch {args.arch} --size {size} --steps {args.steps} "
-               f"--requests {args.requests} --device {args.device}" + (" --cache" if args.cache else ""))
     weights = "trained weights" if args.arch == "builtin" else "random weights, random conditioning"
-    cache = "First Block Cache at the family default" if args.cache else "First Block Cache off"
-    record(f"engine: {args.arch} on {device.type}" + (", cache on" if args.cache else ""), command, table,
-           f"{model.name} ({weights}), {size}x{size}, {args.steps} Euler steps, guidance {GUIDANCE}, "
-           f"{str(dtype).removeprefix('torch.')} on {device.type}, {cache}, in-process "
-           "(no Ray, no HTTP). One at a time: each request alone in its forwards (2 rows). Engine: "
-           "all submitted together to one DenoiseEngine. Max latent diff: the largest |latent alone - "
-           "latent in the batch| over the requests.")
-    plot(args.arch, size, rows, model.unet.device)
+    cache = ("First Block Cache at the family default. Same cache decisions: each request skipped the "
+             "same steps alone and in the batch" if args.cache else "First Block Cache off (every step computed)")
+    report.record(f"engine: {args.arch} on {device.type}" + (", cache on" if args.cache else ""),
+                  markdown_table(*table_rows(runs, args.cache)),
+                  f"{model.name} ({weights}), {size}x{size}, {args.steps} Euler steps, guidance {GUIDANCE}, "
+                  f"{str(dtype).removeprefix('torch.')} on {device.type}, in-process (no Ray, no HTTP). "
+                  "One at a time: each request alone in its forwards (2 rows). Engine: all submitted "
+                  "together to one DenoiseEngine. Max latent diff: the largest |latent alone - latent in "
+                  f"the batch| over a run's requests. {cache}. {args.repeats} runs, each level in turn "
+                  "within a run, after one warm-up batch.")
+    report.save_figure(plot(args.arch, size, runs, model.unet.device), f"engine-{args.arch}-{device.type}")
 
 
-def plot(arch: str, size: int, rows: list[tuple], device: torch.device) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = [r[0] for r in rows]
+def plot(arch: str, size: int, runs: dict[int, list[LevelRun]], device: torch.device):
+    plt = pyplot()
+    levels = list(runs)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(levels, [r[1] for r in rows], marker="o", color="tab:gray", label="one at a time")
-    ax.plot(levels, [r[2] for r in rows], marker="o", color="tab:blue", label="engine, together")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(levels, [str(n) for n in levels])
-    ax.set_xlabel("requests in flight")
-    ax.set_ylabel("images per second")
+    plot_levels(ax, levels, {
+        "one at a time": ([Repeated.of(n / r.alone_s for r in runs[n]) for n in levels], "tab:gray"),
+        "engine, together": ([Repeated.of(n / r.together_s for r in runs[n]) for n in levels], "tab:blue"),
+    }, "requests in flight")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread"
     ax.set_title(f"{arch} {size}px on {name}")
-    ax.legend()
-    save_figure(fig, f"engine-{arch}-{device.type}")
+    return fig
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 and against one deployment that holds the whole model.
 
     python -m bench.bench_memory [--families sd15,sdxl] [--formats folder,file] [--size 256] [--steps 4] [--no-baseline]
+                                 [--repeats 3] [--no-record]
 
 Full-size SD1.5 and SDXL base with random weights (``bench.full_size``: built from the bundled
 configs, cached in bench/out/models/ as a diffusers folder and as a single file, fp16 on disk),
 served on this machine's CPUs (fp32, as the service runs on a CPU). For each family and format,
-each in a fresh local Ray so that nothing carries over:
+``--repeats`` times, each in a fresh local Ray so that nothing carries over:
 
 1. the DAG (``deployments.app:build_app``, one replica per stage) answers one ``POST
    /v1/generate`` (SIZExSIZE, STEPS Euler steps, First Block Cache off); then each stage's
@@ -37,13 +38,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx  # noqa: E402
 import psutil  # noqa: E402
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.full_size import FAMILIES, FORMATS, model_path  # noqa: E402
-from bench.report import markdown_table, record, save_figure  # noqa: E402
+from bench.local_apps import NO_CACHE, deploy_apps, start_ray  # noqa: E402
+from bench.report import Repeated, checked, markdown_table, medians, parse_args, pyplot, spreads  # noqa: E402
 from deployments.replica import pin_torch_threads  # noqa: E402
 from pipeline.denoise import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
@@ -51,9 +54,10 @@ from pipeline.images import encode_png  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402
 from pipeline.memory import (IDLE_BEFORE_RELEASE_S, component_bytes, process_memory,  # noqa: E402
                              release_freed_memory)
+from tools.local_serve import free_port, wait_http  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY_CPUS = 2
+OBJECT_STORE_BYTES = 512 * 1024**2  # small: only prompt embeddings and latents cross it
 GUIDANCE = 5.0
 PROMPT = "a red circle on a blue background"
 STAGES = ("TextEncoder", "Denoiser", "VAEDecoder")
@@ -175,16 +179,6 @@ class MachineMemory:
         self._thread.join()
 
 
-def start_ray() -> None:
-    """A fresh local Ray; replicas import bench/ whether or not the project is pip-installed."""
-    import ray
-
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    # A small object store: only prompt embeddings and latents cross it.
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 1024**2)
-
-
 def request_body(size: int, steps: int) -> dict[str, Any]:
     return {"prompt": PROMPT, "width": size, "height": size, "steps": steps, "guidance_scale": GUIDANCE,
             "seed": 1}
@@ -193,10 +187,6 @@ def request_body(size: int, steps: int) -> dict[str, Any]:
 def serve_and_measure(family: str, model_format: str, app: str, path: Path, size: int, steps: int) -> Run:
     """Deploy ``app`` ("DAG" or WHOLE) serving ``path`` in a fresh Ray, send one request over
     HTTP, read each model-holding replica's stats, shut everything down."""
-    import ray
-
-    from tools.local_serve import deploy_config, free_port, wait_http
-
     name = f"random-{family}"
     port = free_port()
     if app == "DAG":
@@ -204,7 +194,7 @@ def serve_and_measure(family: str, model_format: str, app: str, path: Path, size
                        "args": {"models": {name: str(path)}, "accelerator": "cpu",
                                 "request_timeout_s": REQUEST_TIMEOUT_S}}
         url, health = f"http://127.0.0.1:{port}/v1/generate", f"http://127.0.0.1:{port}/healthz"
-        body = {**request_body(size, steps), "cache": {"threshold": 0}}
+        body = {**request_body(size, steps), **NO_CACHE}
         stages = STAGES
     else:
         application = {"name": "whole", "route_prefix": "/", "import_path": "bench.bench_memory:build_whole",
@@ -215,12 +205,11 @@ def serve_and_measure(family: str, model_format: str, app: str, path: Path, size
     steps_done = ["deploy (loads the model)", "request", "stats", "shut down"]
     with tqdm(total=len(steps_done), desc=f"{family} {model_format} {app}", unit="step") as bar, \
             MachineMemory(bar) as machine:
-        start_ray()
+        start_ray(RAY_CPUS, OBJECT_STORE_BYTES)
         try:
             bar.set_description(f"{family} {model_format} {app}: {steps_done[0]}")
             start = time.perf_counter()
-            deploy_config({"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-                           "applications": [application]}, timeout_s=DEPLOY_TIMEOUT_S)
+            deploy_apps(port, [application], DEPLOY_TIMEOUT_S)
             if health:
                 wait_http(health, timeout_s=CALL_TIMEOUT_S)
             deploy_s = time.perf_counter() - start
@@ -252,68 +241,86 @@ def serve_and_measure(family: str, model_format: str, app: str, path: Path, size
 # --- reporting -----------------------------------------------------------------------------------
 
 SHORT = {"text_encoder": "CLIP-L", "text_encoder_2": "bigG", "unet": "UNet", "vae": "VAE"}
+TARGET = 1.10  # RSS over bare per byte of the components held
+
+
+def by_app(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    """The runs of each (family, format, app), in run order."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.family, run.model_format, run.app), []).append(run)
+    return groups
 
 
 def replica_rows(runs: list[Run]) -> list[tuple]:
+    """A row per replica over the runs of its app."""
     rows = []
-    for run in runs:
-        for replica in run.replicas:
-            held = " + ".join(SHORT.get(c, c) for c in replica.components)
-            rows.append((run.family, run.model_format, replica.name, held, replica.component_bytes / GB,
-                         replica.bare_rss / GB, replica.over_bare / GB, f"{replica.ratio:.3f}",
-                         "yes" if replica.ratio <= 1.10 else "NO", replica.peak_rss / GB,
-                         (replica.peak_rss - replica.bare_rss) / GB))
+    for (family, model_format, _), same_app in by_app(runs).items():
+        for same in zip(*(run.replicas for run in same_app)):  # one replica, run by run
+            first = same[0]
+            held = " + ".join(SHORT.get(c, c) for c in first.components)
+            rows.append((family, model_format, first.name, held, first.component_bytes / GB,
+                         Repeated.of(r.bare_rss / GB for r in same), Repeated.of(r.over_bare / GB for r in same),
+                         Repeated.of(r.ratio for r in same), checked([r.ratio <= TARGET for r in same]),
+                         Repeated.of(r.peak_rss / GB for r in same),
+                         Repeated.of((r.peak_rss - r.bare_rss) / GB for r in same)))
     return rows
 
 
 def app_rows(runs: list[Run]) -> list[tuple]:
-    """Per family and format: the DAG's replicas together vs the whole-pipeline deployment, and
-    what the DAG cost before each stage loaded only its part (each stage ~ the whole model)."""
+    """Per family and format: the DAG's replicas together vs the whole-pipeline deployment, run
+    by run, and what the DAG cost before each stage loaded only its part (each stage ~ the whole
+    model)."""
+    groups = by_app(runs)
     rows = []
-    for dag in (r for r in runs if r.app == "DAG"):
-        whole = next((r for r in runs if r.app == WHOLE and (r.family, r.model_format) ==
-                      (dag.family, dag.model_format)), None)
-        dag_over = sum(r.over_bare for r in dag.replicas)
-        whole_over = whole.replicas[0].over_bare if whole else None
-        rows.append((dag.family, dag.model_format, dag_over / GB,
-                     "-" if whole is None else whole_over / GB,
-                     "-" if whole is None else len(dag.replicas) * whole_over / GB,
-                     dag.machine_peak_used / GB, "-" if whole is None else whole.machine_peak_used / GB,
-                     dag.deploy_s, dag.request_s, "-" if whole is None else whole.request_s))
+    for (family, model_format, app), dags in groups.items():
+        if app != "DAG":
+            continue
+        wholes = groups.get((family, model_format, WHOLE))
+
+        def whole_figure(value) -> object:
+            return "-" if wholes is None else Repeated.of(value(w) for w in wholes)
+
+        rows.append((family, model_format, Repeated.of(sum(r.over_bare for r in d.replicas) / GB for d in dags),
+                     whole_figure(lambda w: w.replicas[0].over_bare / GB),
+                     whole_figure(lambda w: len(dags[0].replicas) * w.replicas[0].over_bare / GB),
+                     Repeated.of(d.machine_peak_used / GB for d in dags),
+                     whole_figure(lambda w: w.machine_peak_used / GB),
+                     Repeated.of(d.deploy_s for d in dags), Repeated.of(d.request_s for d in dags),
+                     whole_figure(lambda w: w.request_s)))
     return rows
 
 
-def plot(runs: list[Run]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(runs: list[Run]):
+    plt = pyplot()
     groups = sorted({(r.family, r.model_format) for r in runs},
                     key=lambda g: (FAMILIES.index(g[0]), FORMATS.index(g[1])))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups), 3.8), squeeze=False, sharey=False)
+    apps = by_app(runs)
     for ax, (family, model_format) in zip(axes[0], groups):
-        replicas = [rep for r in runs if (r.family, r.model_format) == (family, model_format)
-                    for rep in r.replicas]
-        names = [("whole" if rep.name == WHOLE else rep.name.replace("Decoder", "").replace("Encoder", "Enc."))
-                 for rep in replicas]
-        bare = [rep.bare_rss / GB for rep in replicas]
-        held = [rep.component_bytes / GB for rep in replicas]
-        rest = [max(rep.over_bare - rep.component_bytes, 0) / GB for rep in replicas]
+        replicas = [same for (f, m, _), same_app in apps.items() if (f, m) == (family, model_format)
+                    for same in zip(*(run.replicas for run in same_app))]  # each replica, run by run
+        names = [("whole" if s[0].name == WHOLE else s[0].name.replace("Decoder", "").replace("Encoder", "Enc."))
+                 for s in replicas]
+        bare = [Repeated.of(r.bare_rss / GB for r in s).median for s in replicas]
+        held = [s[0].component_bytes / GB for s in replicas]
+        rss = [Repeated.of(r.rss / GB for r in s) for s in replicas]
+        rest = [max(total - b - h, 0) for total, b, h in zip(medians(rss), bare, held)]
         ax.bar(names, bare, color="lightgray", label="bare replica")
         ax.bar(names, held, bottom=bare, color="tab:blue", label="component tensors")
-        ax.bar(names, rest, bottom=[b + h for b, h in zip(bare, held)], color="tab:orange",
-               label="RSS beyond them")
-        for i, rep in enumerate(replicas):  # the figure of merit over each bar
-            ax.annotate(f"x{rep.ratio:.2f}", (i, rep.rss / GB), ha="center", va="bottom", fontsize=8)
+        ax.bar(names, rest, bottom=[b + h for b, h in zip(bare, held)], yerr=spreads(rss), capsize=3,
+               color="tab:orange", label="RSS beyond them")
+        for i, same in enumerate(replicas):  # the figure of merit over each bar
+            ax.annotate(f"x{Repeated.of(r.ratio for r in same).median:.2f}", (i, rss[i].high), ha="center",
+                        va="bottom", fontsize=8)
         ax.set_title(f"{family}, {model_format}")
         ax.margins(y=0.12)
         ax.tick_params(axis="x", labelrotation=30)
-    axes[0][0].set_ylabel("replica RSS after one image (GB)")
+    axes[0][0].set_ylabel("replica RSS after one image (GB, median)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("each stage's replica vs one replica holding the whole model (fp32, CPU); "
-                 "x: RSS over bare / component bytes")
-    save_figure(fig, "memory")
+                 "x: RSS over bare / component bytes; bars: min-max RSS of the runs")
+    return fig
 
 
 def main() -> None:
@@ -323,48 +330,47 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--no-baseline", action="store_true", help="the DAG only")
-    args = parser.parse_args()
+    args, report = parse_args(parser, "bench.bench_memory")
     families, formats = args.families.split(","), args.formats.split(",")
 
     paths = {(f, m): model_path(f, m) for f in families for m in formats}  # built once, then cached
     apps = ["DAG"] + ([] if args.no_baseline else [WHOLE])
     runs = [serve_and_measure(f, m, app, paths[f, m], args.size, args.steps)
-            for f in families for m in formats for app in apps]
+            for _ in range(args.repeats) for f in families for m in formats for app in apps]
 
     replica_table = markdown_table(
         ["family", "format", "replica", "holds", "component GB", "bare RSS GB", "RSS over bare GB",
-         "over bare / components", "<= 1.10", "peak RSS GB", "peak over bare GB"], replica_rows(runs))
+         "over bare / components", f"<= {TARGET:.2f}", "peak RSS GB", "peak over bare GB"], replica_rows(runs))
     app_table = markdown_table(
         ["family", "format", "DAG: stages over bare GB", "whole pipeline over bare GB",
          "before: 3 stages x whole GB", "machine peak used, DAG GB", "machine peak used, whole GB",
          "DAG deploy s", "DAG request s", "whole request s"], app_rows(runs))
-    command = (f"python -m bench.bench_memory --families {args.families} --formats {args.formats} "
-               f"--size {args.size} --steps {args.steps}" + (" --no-baseline" if args.no_baseline else ""))
     total = psutil.virtual_memory().total / GB
-    record("memory: each stage vs the whole model, full-size SD1.5 and SDXL on CPU", command,
-           replica_table + "\n\n" + app_table,
-           f"Full-size SD1.5 / SDXL base architectures with random weights (`bench.full_size`, fp16 on "
-           f"disk as a diffusers folder and as one single-file checkpoint), served in fp32 on this "
-           f"{total:.0f} GB machine's CPUs, one replica per stage, each run in a fresh Ray; one "
-           f"{args.size}x{args.size} image, {args.steps} Euler steps, guidance {GUIDANCE}, First Block "
-           f"Cache off, sent over HTTP; each replica's `stats()` is read once it has been idle "
-           "longer than `IDLE_BEFORE_RELEASE_S`, when it has given the memory its forwards freed "
-           "back to the OS (`pipeline.memory.release_freed_memory`; the whole-pipeline baseline "
-           "does the same after its image). "
-           "The Ingress replica holds no model and is not listed. Bare: the replica process before "
-           "it loads any model (Python, torch, diffusers, transformers, Ray), "
-           "`rss_at_start_bytes`; RSS over bare is what loading the model and "
-           "serving one image added. Component GB: the tensor bytes of the components the replica "
-           "holds (`component_bytes`). Target: RSS over bare <= 1.10 x component bytes per stage. "
-           "Peak: the process's high-water RSS (`ru_maxrss`), which includes the load's transient "
-           "(the fp16 file's pages while they are cast to fp32). Whole pipeline: one deployment "
-           "that loads every component (`load_model(path)`) and generates with "
-           "`pipeline.generate.generate`, measured the same way. Before: until stages loaded only "
-           "their own components, each of the three stages loaded the whole model, so each held "
-           "about what the whole-pipeline replica holds; the before column is 3 x that. Machine "
-           "peak used: total minus available memory, sampled every 0.25 s over the whole run "
-           "(deploy, request, shutdown), everything else on the machine included.")
-    plot(runs)
+    report.record("memory: each stage vs the whole model, full-size SD1.5 and SDXL on CPU",
+                  replica_table + "\n\n" + app_table,
+                  f"Full-size SD1.5 / SDXL base architectures with random weights (`bench.full_size`, fp16 on "
+                  f"disk as a diffusers folder and as one single-file checkpoint), served in fp32 on this "
+                  f"{total:.0f} GB machine's CPUs, one replica per stage, each run in a fresh Ray; one "
+                  f"{args.size}x{args.size} image, {args.steps} Euler steps, guidance {GUIDANCE}, First Block "
+                  f"Cache off, sent over HTTP; each replica's `stats()` is read once it has been idle "
+                  "longer than `IDLE_BEFORE_RELEASE_S`, when it has given the memory its forwards freed "
+                  "back to the OS (`pipeline.memory.release_freed_memory`; the whole-pipeline baseline "
+                  "does the same after its image). "
+                  "The Ingress replica holds no model and is not listed. Bare: the replica process before "
+                  "it loads any model (Python, torch, diffusers, transformers, Ray), "
+                  "`rss_at_start_bytes`; RSS over bare is what loading the model and "
+                  "serving one image added. Component GB: the tensor bytes of the components the replica "
+                  f"holds (`component_bytes`). Target: RSS over bare <= {TARGET:.2f} x component bytes per stage. "
+                  "Peak: the process's high-water RSS (`ru_maxrss`), which includes the load's transient "
+                  "(the fp16 file's pages while they are cast to fp32). Whole pipeline: one deployment "
+                  "that loads every component (`load_model(path)`) and generates with "
+                  "`pipeline.generate.generate`, measured the same way. Before: until stages loaded only "
+                  "their own components, each of the three stages loaded the whole model, so each held "
+                  "about what the whole-pipeline replica holds; the before column is 3 x that. Machine "
+                  "peak used: total minus available memory, sampled every 0.25 s over the whole run "
+                  "(deploy, request, shutdown), everything else on the machine included. A run: every "
+                  f"family, format and app once, in turn; {args.repeats} runs.")
+    report.save_figure(plot(runs), "memory")
 
 
 if __name__ == "__main__":

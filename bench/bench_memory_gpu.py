@@ -2,6 +2,7 @@
 against the whole pipeline on one card.
 
     python -m bench.bench_memory_gpu [--families sd15,sdxl] [--batches 1,8] [--steps 10] [--source folder]
+                                     [--repeats 3] [--no-record]
 
 Full-size SD1.5 (512 px) and SDXL (1024 px) base with random weights in fp16 (``bench.full_size``;
 ``--source folder`` or ``file`` loads the cached fp16 folder or single file through
@@ -18,14 +19,15 @@ nothing written). In-process, one CUDA device, no Ray:
     as one batch; and the denoising images/s of both (the same UNet doing the same rows: the
     ratio should be 1). Each measurement follows a 2-step warm-up at the same batch.
 
-Target: the Denoiser's peak at least 25% below the whole pipeline's at the same batch. A few
+Target: the Denoiser's peak at least 25% below the whole pipeline's at the same batch. About ten
 minutes on an H100/H200 at the defaults. Writes bench/out/memory-gpu-cuda.png and the "memory on
 GPU: ..." section of bench/RESULTS.md.
 
 On a CPU (a smoke test, e.g. ``--device cpu --families sd15 --size 64 --steps 2``) the figures
 are the process's RSS over its RSS before the first model (allocated) and the highest RSS
 sampled every 10 ms during a phase over the same start (peak), in fp32; nothing is recorded
-in RESULTS.md unless the device is CUDA (``--no-record`` skips it there too).
+in RESULTS.md unless the device is CUDA (``--no-record`` skips it there too). Every
+measurement is taken once per run, ``--repeats`` runs.
 """
 from __future__ import annotations
 
@@ -45,12 +47,12 @@ from tqdm import tqdm
 
 from bench.bench_engine import random_conditioning
 from bench.full_size import FAMILIES, ensure_file, ensure_folder, random_model
-from bench.report import markdown_table, record, save_figure
+from bench.report import Repeated, checked, markdown_table, medians, parse_args, pyplot, ratio, spreads
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.decode import decode_latents
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
-from pipeline.engine import DenoiseEngine, EngineRequest, EngineResult
+from pipeline.engine import DenoiseEngine, EngineResult
 from pipeline.loading import load_model
 from pipeline.memory import component_bytes, release_freed_memory
 from pipeline.model import COMPONENTS, Component, DiffusionModel
@@ -152,19 +154,19 @@ class Source:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def engine_requests(conditioning: list[Conditioning], size: int, steps: int) -> list[EngineRequest]:
-    return [EngineRequest(c, DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=i))
+def engine_requests(conditioning: list[Conditioning], size: int, steps: int) -> list[tuple[Conditioning, DenoiseParams]]:
+    return [(c, DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=i))
             for i, c in enumerate(conditioning)]
 
 
-def denoise(model: DiffusionModel, batch: list[EngineRequest], meter: Meter) -> tuple[float, list[EngineResult]]:
+def denoise(model: DiffusionModel, batch: list[tuple[Conditioning, DenoiseParams]], meter: Meter) -> tuple[float, list[EngineResult]]:
     """Seconds to denoise ``batch`` together on one engine (as a Denoiser replica runs it)."""
     async def run() -> tuple[float, list[EngineResult]]:
         engine = DenoiseEngine(max_batch_rows=2 * len(batch))
         try:
             meter.synchronize()
             start = time.perf_counter()
-            results = await asyncio.gather(*(engine.submit(model, r) for r in batch))
+            results = await asyncio.gather(*(engine.submit(model, *r) for r in batch))
             meter.synchronize()
             return time.perf_counter() - start, list(results)
         finally:
@@ -202,8 +204,9 @@ class BatchFigures:
         return 1 - self.denoiser_peak / self.whole_peak
 
 
-def components_alone(source: Source, meter: Meter, bar: tqdm) -> list[tuple]:
-    """(a): each stage's components alone on the device."""
+def components_alone(source: Source, meter: Meter, bar: tqdm) -> list[tuple[str, str, int, int]]:
+    """(a): each stage's components alone on the device: (family, component, bytes on the
+    device, tensor bytes)."""
     rows = []
     for component in COMPONENTS:
         bar.set_postfix_str(f"{component} alone")
@@ -211,7 +214,7 @@ def components_alone(source: Source, meter: Meter, bar: tqdm) -> list[tuple]:
         model = source.load((component,))
         on_device = meter.allocated() - before
         tensors = sum(component_bytes(model).values())
-        rows.append((source.family, component, on_device / GB, tensors / GB, on_device / tensors))
+        rows.append((source.family, component, on_device, tensors))
         del model
         meter.release()
         bar.update()
@@ -251,35 +254,76 @@ def denoiser_vs_whole(source: Source, meter: Meter, batches: list[int], size: in
 
 # --- reporting -----------------------------------------------------------------------------------
 
-def target_met(figures: BatchFigures) -> str:
+def target_met(family: str, below: list[float]) -> str:
     """The target is SDXL's, whose UNet is 72% of its fp16 weights; SD1.5's UNet is 81% of its
     own, so by weights alone it ends near 20% below and is reported without a verdict."""
-    if figures.family != "sdxl":
+    if family != "sdxl":
         return "n/a"
-    return "yes" if figures.below >= 0.25 else "NO"
+    return checked([b >= 0.25 for b in below])
 
 
-def plot(figures: list[BatchFigures], device: torch.device, unit: str) -> None:
-    import matplotlib
+def alone_rows(runs: list[list[tuple[str, str, int, int]]]) -> list[tuple]:
+    """A row per family and component over the runs (each run: (family, component, on device, tensor bytes))."""
+    rows = []
+    for same in zip(*runs):
+        family, component, _, tensors = same[0]
+        on_device = [r[2] for r in same]
+        rows.append((family, component, Repeated.of(b / GB for b in on_device), tensors / GB,
+                     Repeated.of(b / tensors for b in on_device)))
+    return rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    labels = [f"{f.family} {f.size}px\nbatch {f.batch}" for f in figures]
-    x = range(len(figures))
-    fig, ax = plt.subplots(figsize=(1.6 * len(figures) + 2, 3.8))
-    ax.bar([i - 0.2 for i in x], [f.whole_peak / GB for f in figures], 0.4, color="tab:gray",
+def batch_rows(runs: list[list[BatchFigures]]) -> list[tuple]:
+    """A row per family and batch over the runs; the ratio of images/s within each run."""
+    rows = []
+    for same in zip(*runs):
+        f = same[0]
+        denoiser_ips, whole_denoise_ips = [x.denoiser_ips for x in same], [x.whole_denoise_ips for x in same]
+        rows.append((f.family, f.size, f.batch, Repeated.of(x.denoiser_peak / GB for x in same),
+                     Repeated.of(x.whole_peak / GB for x in same), Repeated.of(100 * x.below for x in same),
+                     target_met(f.family, [x.below for x in same]), Repeated.of(denoiser_ips),
+                     Repeated.of(whole_denoise_ips), ratio(denoiser_ips, whole_denoise_ips),
+                     Repeated.of(x.whole_ips for x in same)))
+    return rows
+
+
+def plot(runs: list[list[BatchFigures]], device: torch.device, unit: str):
+    plt = pyplot()
+    groups = list(zip(*runs))  # each family and batch, over the runs
+    whole = [Repeated.of(x.whole_peak / GB for x in same) for same in groups]
+    denoiser = [Repeated.of(x.denoiser_peak / GB for x in same) for same in groups]
+    below = [Repeated.of(100 * x.below for x in same) for same in groups]
+    x = range(len(groups))
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.8))
+    ax.bar([i - 0.2 for i in x], medians(whole), 0.4, yerr=spreads(whole), capsize=3, color="tab:gray",
            label="whole pipeline on one device")
-    ax.bar([i + 0.2 for i in x], [f.denoiser_peak / GB for f in figures], 0.4, color="tab:blue",
+    ax.bar([i + 0.2 for i in x], medians(denoiser), 0.4, yerr=spreads(denoiser), capsize=3, color="tab:blue",
            label="Denoiser alone (UNet)")
-    for i, f in zip(x, figures):
-        ax.annotate(f"-{100 * f.below:.0f}%", (i + 0.2, f.denoiser_peak / GB), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel(f"peak {unit} (GB)")
+    for i, peak, fraction in zip(x, denoiser, below):
+        ax.annotate(f"-{fraction.median:.0f}%", (i + 0.2, peak.high), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), [f"{s[0].family} {s[0].size}px\nbatch {s[0].batch}" for s in groups], fontsize=8)
+    ax.set_ylabel(f"peak {unit} (GB, median, min-max)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ax.set_title(f"peak memory while serving a batch, {name}")
     ax.legend(fontsize=8)
-    save_figure(fig, f"memory-gpu-{device.type}")
+    return fig
+
+
+def measure_all(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                meter: Meter) -> tuple[list[list[tuple]], list[list[BatchFigures]]]:
+    """Every family, ``args.repeats`` times: each run's components-alone rows and batch figures."""
+    families, batches = args.families.split(","), [int(n) for n in args.batches.split(",")]
+    alone: list[list[tuple]] = [[] for _ in range(args.repeats)]
+    figures: list[list[BatchFigures]] = [[] for _ in range(args.repeats)]
+    for family in families:
+        size = args.size or NATIVE_SIZE[family]
+        source = Source(args.source, family, device, dtype).prepare()
+        total = args.repeats * (len(COMPONENTS) + 2 * len(batches))
+        with tqdm(total=total, desc=f"{family} {size}px", unit="step") as bar:
+            for run in range(args.repeats):
+                alone[run] += components_alone(source, meter, bar)
+                figures[run] += denoiser_vs_whole(source, meter, batches, size, args.steps, bar)
+    return alone, figures
 
 
 def main() -> None:
@@ -290,9 +334,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="requests denoised together")
     parser.add_argument("--source", choices=("folder", "file", "memory"), default="folder")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda")
-    parser.add_argument("--no-record", action="store_true", help="print only; RESULTS.md untouched")
-    args = parser.parse_args()
-    families, batches = args.families.split(","), [int(n) for n in args.batches.split(",")]
+    args, report = parse_args(parser, "bench.bench_memory_gpu")
 
     device = select_device(args.device)
     dtype = default_dtype(device)  # fp16 on CUDA
@@ -300,45 +342,33 @@ def main() -> None:
         torch.set_num_threads(1)
     meter = Meter(device)
     unit = "allocated" if meter.cuda else "RSS"
-    alone_rows: list[tuple] = []
-    figures: list[BatchFigures] = []
-    for family in families:
-        size = args.size or NATIVE_SIZE[family]
-        source = Source(args.source, family, device, dtype).prepare()
-        with tqdm(total=len(COMPONENTS) + 2 * len(batches), desc=f"{family} {size}px", unit="step") as bar:
-            alone_rows += components_alone(source, meter, bar)
-            figures += denoiser_vs_whole(source, meter, batches, size, args.steps, bar)
+    alone, figures = measure_all(args, device, dtype, meter)
 
     alone_table = markdown_table(
-        ["family", "components alone", f"{unit} GB", "tensor GB", f"{unit} / tensors"], alone_rows)
+        ["family", "components alone", f"{unit} GB", "tensor GB", f"{unit} / tensors"], alone_rows(alone))
     batch_table = markdown_table(
         ["family", "px", "batch", f"Denoiser peak {unit} GB", f"whole pipeline peak {unit} GB",
-         "Denoiser below whole", "SDXL target: >= 25% below", "Denoiser images/s", "whole: denoising images/s",
-         "Denoiser / whole images/s", "whole: end-to-end images/s"],
-        [(f.family, f.size, f.batch, f.denoiser_peak / GB, f.whole_peak / GB, f"{100 * f.below:.0f}%",
-          target_met(f), f.denoiser_ips, f.whole_denoise_ips,
-          f"{f.denoiser_ips / f.whole_denoise_ips:.2f}", f.whole_ips) for f in figures])
+         "Denoiser below whole %", "SDXL target: >= 25% below", "Denoiser images/s", "whole: denoising images/s",
+         "Denoiser / whole images/s", "whole: end-to-end images/s"], batch_rows(figures))
     tables = alone_table + "\n\n" + batch_table
-    command = (f"python -m bench.bench_memory_gpu --families {args.families} --batches {args.batches} "
-               f"--steps {args.steps} --source {args.source}" + (f" --size {args.size}" if args.size else ""))
-    if meter.cuda and not args.no_record:
-        record("memory on GPU: each stage's components, the Denoiser alone vs the whole pipeline", command,
-               tables,
-               f"Full-size SD1.5 / SDXL base, random weights, {str(dtype).removeprefix('torch.')} (SDXL's "
-               f"VAE in fp32, as loaded), from the {args.source} source, in-process on one CUDA "
-               f"device, no Ray. Components alone: `torch.cuda.memory_allocated` after "
-               "`load_model(components=(c,))`, each freed before the next. Peak: "
-               "`max_memory_allocated` after `reset_peak_memory_stats`, while N requests are "
-               f"denoised together ({args.steps} Euler steps, guidance {GUIDANCE}, one "
-               "DenoiseEngine, First Block Cache off): the Denoiser holds the UNet alone; the whole "
-               "pipeline holds every component and also encodes the N prompts and decodes the N "
-               "latents in one batch. Images/s: denoising only (both run the same UNet forwards), "
-               f"after a {WARMUP_STEPS}-step warm-up at the same batch. Target: the Denoiser's peak "
-               ">= 25% below the whole pipeline's.")
+    if meter.cuda:
+        report.record("memory on GPU: each stage's components, the Denoiser alone vs the whole pipeline", tables,
+                      f"Full-size SD1.5 / SDXL base, random weights, {str(dtype).removeprefix('torch.')} (SDXL's "
+                      f"VAE in fp32, as loaded), from the {args.source} source, in-process on one CUDA "
+                      f"device, no Ray. Components alone: `torch.cuda.memory_allocated` after "
+                      "`load_model(components=(c,))`, each freed before the next. Peak: "
+                      "`max_memory_allocated` after `reset_peak_memory_stats`, while N requests are "
+                      f"denoised together ({args.steps} Euler steps, guidance {GUIDANCE}, one "
+                      "DenoiseEngine, First Block Cache off): the Denoiser holds the UNet alone; the whole "
+                      "pipeline holds every component and also encodes the N prompts and decodes the N "
+                      "latents in one batch. Images/s: denoising only (both run the same UNet forwards), "
+                      f"after a {WARMUP_STEPS}-step warm-up at the same batch. Target: the Denoiser's peak "
+                      f">= 25% below the whole pipeline's. A run: every measurement above once, each "
+                      f"family in turn; {args.repeats} runs.")
     else:
         print(tables)
-        print("(not recorded in bench/RESULTS.md: " + ("--no-record" if meter.cuda else "not a CUDA device") + ")")
-    plot(figures, device, unit)
+        print("(not recorded in bench/RESULTS.md: not a CUDA device)")
+    report.save_figure(plot(figures, device, unit), f"memory-gpu-{device.type}")
 
 
 if __name__ == "__main__":
