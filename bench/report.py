@@ -26,9 +26,10 @@ HEADER = (
     "# Benchmark results\n\n"
     "Each benchmark's latest run, written by the benchmark itself (`bench/report.py`): running the "
     "command under a section's title replaces that section, so this file holds nothing "
-    "hand-written. Every figure comes from repeated runs and reads `median (min-max)` over them; "
-    "a figure without a range was the same in every run. A ratio is taken within each run, "
-    "between figures measured in the same round, and then summarized the same way.\n")
+    "hand-written. A section whose command has `--repeats` comes from that many runs and each "
+    "figure reads `median (min-max)` over them (a figure without a range was the same in every "
+    "run; a ratio is taken within each run, between figures measured in the same round, then "
+    "summarized the same way); a section without it predates that rule.\n")
 
 
 # --- figures from repeated runs ------------------------------------------------------------------
