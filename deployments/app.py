@@ -66,5 +66,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     denoiser = place(Denoiser).bind(stage, parsed.denoiser)
     vae_decoder = place(VAEDecoder).bind(stage, parsed.vae_decoder)
     settings = IngressSettings(stage=stage, limits=parsed.limits,
-                               request_timeout_s=parsed.request_timeout_s)
+                               request_timeout_s=parsed.request_timeout_s, auth=parsed.auth,
+                               cors=parsed.cors, backpressure=parsed.backpressure)
     return place(Ingress).bind(text_encoder, denoiser, vae_decoder, settings)

@@ -2,8 +2,9 @@
 
 One ``pipeline.engine.DenoiseEngine`` per replica: every request this replica holds is denoised
 in shared UNet forwards, step by step, each with its own sampler and First Block Cache;
-requests share a forward only with the same model and LoRA set, and the engine puts that set's
-adapters on the UNet before each forward. The deployment only loads models and translates
+requests share a forward only with the same model and LoRA set; a request's LoRA files are
+read when it arrives (``ModelStore.read_loras``) and the engine puts its set's adapters on the
+UNet before each forward. The deployment only loads models and translates
 between stage messages and engine calls; when a caller goes away, Serve cancels the call and
 the engine drops the request before its next step.
 
@@ -36,7 +37,8 @@ class Denoiser(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
         super().__init__(settings, components=("unet",))
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
-                                    activate_adapters=self.store.activate_loras)
+                                    activate_adapters=self.store.activate_loras,
+                                    read_adapters=self.store.read_loras)
         await self.store.start()
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:

@@ -67,6 +67,9 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     _spec("raydiance_request_latency_seconds", "histogram", "HTTP request latency, from the "
           "request reaching the Ingress to the last byte of its answer.",
           ("endpoint", "method", "status"), REQUEST_BUCKETS_S),
+    _spec("raydiance_auth_failures", "counter", "Requests refused for their API key (only when "
+          "keys are configured), by reason: missing (no credentials), malformed (not Bearer or "
+          "Basic user:password), wrong (no configured key).", ("reason",)),
     # Stages.
     _spec("raydiance_stage_latency_seconds", "histogram", "Time one request spent in a stage: "
           "encode (TextEncoder, batching wait included; a cache hit is near 0), denoise (the "
@@ -169,6 +172,10 @@ def record_request(endpoint: str, method: str, status: int, seconds: float) -> N
     tags = {"endpoint": endpoint, "method": method, "status": str(status)}
     inc("raydiance_requests", **tags)
     observe("raydiance_request_latency_seconds", seconds, **tags)
+
+
+def record_auth_failure(reason: str) -> None:
+    inc("raydiance_auth_failures", reason=reason)
 
 
 def record_stage(stage: str, model: str, seconds: float) -> None:

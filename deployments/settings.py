@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 from pipeline.device import Accelerator
 from pipeline.library import ModelCatalog
 
+from deployments.api.admission import BackpressureSettings
+from deployments.api.auth import CorsSettings
+from deployments.api.keys import AuthSettings
 from deployments.api.protocol import ImageCount, ImageSide, Steps
 
 
@@ -131,6 +134,11 @@ class AppArgs(_Strict):
     denoiser: DenoiserKnobs = Field(default_factory=DenoiserKnobs)
     placement: Placement = Field(default_factory=Placement)
     request_timeout_s: PositiveFloat = 300.0
+    # API keys (absent: none needed) and the browser origins allowed to call (none by default).
+    auth: AuthSettings | None = None
+    cors: CorsSettings = Field(default_factory=CorsSettings)
+    # Work requests one Ingress replica holds at once; beyond: 503 (or 429) with Retry-After.
+    backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
 
     @model_validator(mode="after")
     def _something_is_served(self) -> "AppArgs":

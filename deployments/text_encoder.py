@@ -2,17 +2,23 @@
 
 A small LRU of conditionings sits in front of the batch: clients resend the same prompts
 (retries, ``n`` > 1 across requests, a UI's "generate again"), and a hit skips CLIP entirely
-and returns the very conditioning the first encoding produced.
+and returns the very conditioning the first encoding produced. Entries are keyed by the version
+of the model's files too, so a checkpoint replaced under the same name is never answered from
+its predecessor's conditionings. A request's LoRAs are put on the text encoders before it joins
+a batch (files read in a thread), so a batch never waits for a LoRA file.
 """
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Hashable
 from typing import Any
 
 from cachetools import LRUCache
 from ray import serve
 
 from pipeline.conditioning import Conditioning, encode_prompts
+from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
 
 from deployments import metrics
@@ -31,13 +37,14 @@ EncodeItem = tuple[EncodeRequest, DiffusionModel]
 
 class EmbeddingCache:
     """A bounded LRU (``cachetools.LRUCache``) of conditionings keyed by the encode request
-    (model, prompt, negative prompt, LoRA set), counting its hits and misses.
+    (model, prompt, negative prompt, LoRA set) and the version of the model's files, counting
+    its hits and misses.
 
     Used only on the replica's event loop, so it needs no lock. Capacity 0 turns it off.
     """
 
     def __init__(self, capacity: int = DEFAULT_CACHE_SIZE) -> None:
-        self._entries: LRUCache[EncodeRequest, Conditioning] = LRUCache(maxsize=0)
+        self._entries: LRUCache[Hashable, Conditioning] = LRUCache(maxsize=0)
         self.hits = self.misses = 0  # lookups since start
         self.resize(capacity)
 
@@ -48,7 +55,7 @@ class EmbeddingCache:
     def capacity(self) -> int:
         return int(self._entries.maxsize)
 
-    def get(self, key: EncodeRequest) -> Conditioning | None:
+    def get(self, key: Hashable) -> Conditioning | None:
         value = self._entries.get(key)  # a hit becomes the most recently used
         if value is None:
             self.misses += 1
@@ -56,7 +63,7 @@ class EmbeddingCache:
             self.hits += 1
         return value
 
-    def put(self, key: EncodeRequest, value: Conditioning) -> None:
+    def put(self, key: Hashable, value: Conditioning) -> None:
         if self.capacity:  # LRUCache refuses any entry at maxsize 0
             self._entries[key] = value
 
@@ -96,7 +103,7 @@ class TextEncoder(StageReplica):
 
     async def encode(self, request: EncodeRequest) -> Encoded:
         start = time.perf_counter()
-        conditioning = self.cache.get(request)
+        conditioning = self.cache.get((request, await self.store.version(request.model)))
         if conditioning is not None:
             metrics.inc("raydiance_embedding_cache_lookups", model=request.model, result="hit")
             seconds = time.perf_counter() - start
@@ -104,11 +111,21 @@ class TextEncoder(StageReplica):
             return Encoded(request.model, conditioning, {"encode": seconds * 1000}, request.loras)
         metrics.inc("raydiance_embedding_cache_lookups", model=request.model, result="miss")
         model = await self.get_model(request.model)
+        await self._load_loras(model, request.loras)
         result = raise_if_error(await self._encode_batch((request, model)))
-        self.cache.put(request, result.conditioning)
+        self.cache.put((request, self.store.version_of(model)), result.conditioning)
         self._cache_size_changed()
         metrics.record_stage("encode", request.model, time.perf_counter() - start)
         return result
+
+    async def _load_loras(self, model: DiffusionModel, loras: LoraSet) -> None:
+        """``loras`` on the model's text encoders before the request joins a batch: the files
+        read in a thread, the injection on the torch thread (a LoRA that cannot be loaded fails
+        this request here, alone)."""
+        if loras:
+            inject = await asyncio.to_thread(self.store.read_loras, model, loras)
+            if inject is not None:
+                await self.worker.run(inject)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, items: list[EncodeItem]) -> list[Encoded | Exception]:

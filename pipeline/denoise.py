@@ -4,7 +4,9 @@
 ``Trajectory`` is the runner's side of one request: its own sampler (a diffusers scheduler,
 which keeps state), its own ``torch.Generator``, its latents, its conditioning rows and its cache
 state. ``unet_rows`` gives the rows it adds to the next batched forward; ``advance`` takes back
-its slice of the output, applies guidance and steps the sampler.
+its slice of the output, applies guidance, steps the sampler, watches the latents for NaN and
+infinity (``diverged_at``), and after the last step leaves them on the CPU (``final``), all on
+the thread that runs the UNet.
 """
 from __future__ import annotations
 
@@ -59,6 +61,51 @@ def _step_kwargs(sampler: SchedulerMixin, generator: torch.Generator) -> dict[st
     return kwargs
 
 
+class FiniteWatch:
+    """Whether a request's latents are still finite, learnt without making a step wait for the
+    device.
+
+    ``watch`` queues a check (``isfinite().all()``) behind the step that made the latents; on
+    CUDA its answer is copied into pinned host memory behind an event, and a later step reads
+    it once the event has passed (no sync: a diverging request stops a step or two late rather
+    than every step waiting). On the CPU the answer is there at once. Other devices (MPS) are
+    checked only on the finished latents, already on the CPU.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None, int] | None = None
+
+    def watch(self, latents: torch.Tensor, step: int) -> int | None:
+        """Check ``latents`` (those after ``step`` steps) unless a check is still on its way;
+        returns the step after which the latents were found not finite, or None."""
+        found = self.poll()
+        if found is None and self._pending is None:
+            self._pending = self._queue(latents, step)
+            found = self.poll()
+        return found
+
+    def poll(self) -> int | None:
+        """The answer of the check on its way, if it has arrived: the step, if not finite."""
+        if self._pending is None:
+            return None
+        flag, event, step = self._pending
+        if event is not None and not event.query():
+            return None
+        self._pending = None
+        return None if bool(flag) else step
+
+    @staticmethod
+    def _queue(latents: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.cuda.Event | None, int] | None:
+        if latents.device.type == "cpu":
+            return torch.isfinite(latents).all(), None, step
+        if latents.device.type != "cuda":
+            return None
+        flag = torch.isfinite(latents).all().to("cpu", non_blocking=True)  # pinned, asynchronous
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(latents.device))
+        return flag, event, step
+
+
 class Trajectory:
     """One request's denoising, advanced one step at a time by whoever runs the UNet."""
 
@@ -78,6 +125,9 @@ class Trajectory:
         self._step_kwargs = _step_kwargs(self.sampler, generator)
         self.step_index = 0
         self.cache = FirstBlockCache(params.cache).new_state(len(self.timesteps)) if params.cache else None
+        self.diverged_at: int | None = None  # the step after which the latents were not finite
+        self.final: torch.Tensor | None = None  # the finished latents, on the CPU
+        self._finite = FiniteWatch()
 
     @property
     def rows(self) -> int:
@@ -98,7 +148,8 @@ class Trajectory:
         return UNetRows(sample, t.expand(self.rows), self.condition)
 
     def advance(self, noise_pred: torch.Tensor) -> None:
-        """Apply guidance to this request's rows of the UNet output and step its sampler."""
+        """Apply guidance to this request's rows of the UNet output, step its sampler and watch
+        the new latents (``diverged_at``); after the last step they go to the CPU (``final``)."""
         if noise_pred.shape[0] != self.rows:
             raise RuntimeError(f"request got {noise_pred.shape[0]} output rows, expected {self.rows}")
         if self.guided:
@@ -110,3 +161,16 @@ class Trajectory:
         self.step_index += 1
         if self.cache is not None and self.cache.step_index != self.step_index:
             raise RuntimeError(f"cache state at step {self.cache.step_index}, request at {self.step_index}")
+        found = self._finish() if self.done else self._finite.watch(self.latents, self.step_index)
+        if self.diverged_at is None:
+            self.diverged_at = found
+
+    def _finish(self) -> int | None:
+        """The latents to the CPU (the one wait for the device a request costs, here on the
+        UNet's thread rather than on an event loop) and checked there; a check still on its way
+        has its answer now. Returns the step after which they were found not finite, if so."""
+        self.final = self.latents.detach().to("cpu")
+        found = self._finite.poll()
+        if found is None and not bool(torch.isfinite(self.final).all()):
+            found = self.step_index
+        return found

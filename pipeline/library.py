@@ -8,6 +8,8 @@ folder is refused (``InvalidRequestError``); an unknown name is ``NotFoundError`
 The checkpoints folder is read when asked, not once at deploy: a checkpoint copied into it is
 servable at once, with no restart. Metadata (family, native size, VAE scale) comes from config
 files or a checkpoint's header, never its weights, and is kept per (path, modification time).
+``ModelCatalog.version`` tells when a model's files were replaced under the same name (the
+stages then reload it).
 """
 from __future__ import annotations
 
@@ -121,6 +123,28 @@ class CheckpointLibrary(_Folder):
         raise NotFoundError(self.field, f"no model named {name!r}")
 
 
+FileVersion = tuple[tuple[str, int, int, int], ...]
+"""(relative path, size, modification time in ns, inode) of each file of a model, sorted."""
+
+
+def files_version(path: Path) -> FileVersion:
+    """What changes when a model's files are replaced under the same name: the size, mtime and
+    inode (an atomic rename gives a new one) of the checkpoint file, or of every file of a
+    diffusers folder (hidden ones aside). Costs one ``stat`` per file, no read."""
+    if not path.is_dir():
+        stat = path.stat()
+        return (("", stat.st_size, stat.st_mtime_ns, stat.st_ino),)
+    files = []
+    for root, folders, names in os.walk(path):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in names:
+            if not name.startswith("."):
+                stat = (Path(root) / name).stat()
+                files.append((os.path.relpath(Path(root) / name, path), stat.st_size,
+                              stat.st_mtime_ns, stat.st_ino))
+    return tuple(sorted(files))
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -169,6 +193,10 @@ class ModelCatalog:
                 name=name, path=str(path), family=description.family,
                 native_size=description.native_size, vae_scale_factor=description.vae_scale_factor)
         return self._described[key]
+
+    def version(self, name: str) -> FileVersion:
+        """The version of model ``name``'s files on disk (blocking: a ``stat`` per file)."""
+        return files_version(self.path(name))
 
     def describe_all(self) -> list[ModelInfo]:
         """Every servable model; a broken file in the folder is left out rather than failing all."""

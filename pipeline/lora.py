@@ -6,7 +6,9 @@ and ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` inject them. An ``
 keeps up to ``max_loaded`` of them on one model (least recently used evicted) and activates a
 set by setting each adapter's weight: switching sets reloads nothing. All requests of a batch
 share one set, so the engine calls ``activate`` before the batch's UNet forward, and the
-text-encoding stage before it encodes. A LoRA's parts go where their weights live: into the UNet
+text-encoding stage before it encodes. A load is two parts: ``read`` (the file, off the model's
+thread) and ``load`` (the injection, on it); servers do both when a request arrives, so the
+``activate`` of a step only sets weights. A LoRA's parts go where their weights live: into the UNet
 and text encoders the model holds (a Denoiser's model holds only the UNet, a TextEncoder's only
 the text encoders), the rest of the file is not used there.
 """
@@ -18,7 +20,8 @@ import logging
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +40,7 @@ from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_t
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.errors import InvalidRequestError, ModelLoadError
+from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
 from pipeline.model import DiffusionModel, text_encoder_names
 from pipeline.pickles import SAFETENSORS
@@ -64,7 +67,8 @@ def normalize_loras(loras: Iterable[tuple[str, float]]) -> LoraSet:
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """A LoRA file's tensors and diffusers' adapter metadata; anything but safetensors (a
-    pickle above all) is refused unread."""
+    pickle above all) is refused unread. An unreadable file is the request's to fix (it named
+    that LoRA): an ``InvalidRequestError`` naming ``loras``, not a fault of the server."""
     if path.suffix.lower() != SAFETENSORS:
         raise InvalidRequestError("loras", f"{path.name}: only .safetensors LoRAs are loaded")
     try:
@@ -72,7 +76,8 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
             metadata = (f.metadata() or {}).get("lora_adapter_metadata")
         return load_file(path), json.loads(metadata) if metadata else None
     except Exception as error:  # safetensors' own error types, bad JSON
-        raise ModelLoadError(f"{path.name}: not a readable safetensors LoRA ({error})") from None
+        raise InvalidRequestError("loras", f"{path.name}: not a readable safetensors LoRA "
+                                  f"({str(error)[:200]})") from None
 
 
 @contextlib.contextmanager
@@ -101,12 +106,24 @@ def _text_encoder_to_peft(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     return convert_state_dict_to_peft(state_dict, original_type=StateDictType.DIFFUSERS_OLD)
 
 
+@dataclass(frozen=True)
+class PreparedLora:
+    """A LoRA file read, checked and converted for one model, not yet injected into it."""
+
+    name: str
+    state_dict: dict[str, torch.Tensor]  # peft keys, prefixed by component (``unet.``, ...)
+    alphas: dict[str, torch.Tensor] | None  # kohya's network alphas
+    metadata: dict | None  # diffusers' adapter metadata (rank, alpha), where the file has it
+
+
 class AdapterManager:
     """The LoRAs loaded on one model, at most ``max_loaded``, and the set now active.
 
     Adapters go into the UNet and text encoders that ``model`` holds, whichever those are. Holds
-    those modules and not the model itself, so a map keyed weakly by the model can keep it. Not
-    thread-safe: call ``activate`` from the thread that then runs the model.
+    those modules and not the model itself, so a map keyed weakly by the model can keep it.
+    ``read`` (the files: checked, converted) touches no module and may run on any thread, so a
+    server reads while the model runs; ``load`` and ``activate`` change modules: call them from
+    the thread that runs the model.
     """
 
     def __init__(self, model: DiffusionModel, library: LoraLibrary, *, max_loaded: int = 8) -> None:
@@ -131,25 +148,44 @@ class AdapterManager:
         """Names of the LoRAs held, least recently used first."""
         return tuple(self._adapters)
 
+    def read(self, loras: Iterable[tuple[str, float]]) -> dict[str, PreparedLora]:
+        """The files of the LoRAs of ``loras`` not held yet, read and checked: the slow part of a
+        load, which touches no module (InvalidRequestError/ModelLoadError for an unusable file)."""
+        wanted = self._checked(loras)
+        return {name: self._prepare(name) for name, _ in wanted if name not in self._adapters}
+
+    def load(self, loras: Iterable[tuple[str, float]],
+             prepared: Mapping[str, PreparedLora] | None = None) -> LoraSet:
+        """Put on the model the LoRAs of ``loras`` it lacks (from ``prepared`` where ``read``
+        already read them), evicting the least recently used others; activates nothing."""
+        wanted = self._checked(loras)
+        names = {name for name, _ in wanted}
+        for name, _ in wanted:
+            if name in self._adapters:
+                self._adapters.move_to_end(name)
+                continue
+            ready = (prepared or {}).get(name) or self._prepare(name)
+            while len(self._adapters) >= self.max_loaded:
+                victim = next(n for n in self._adapters if n not in names)
+                self._unload(self._adapters.pop(victim))
+            self._adapters[name] = self._inject(ready)
+        return wanted
+
     def activate(self, loras: Iterable[tuple[str, float]]) -> LoraSet:
         """Make ``loras`` the active set (loading what is missing); returns it in canonical form.
         Costs nothing when the set is the one already active."""
         wanted = normalize_loras(loras)
         if wanted == self._active:
             return wanted
-        if len(wanted) > self.max_loaded:
-            raise InvalidRequestError("loras", f"at most {self.max_loaded} LoRAs at once")
-        names = {name for name, _ in wanted}
-        for name, _ in wanted:
-            if name in self._adapters:
-                self._adapters.move_to_end(name)
-                continue
-            while len(self._adapters) >= self.max_loaded:
-                victim = next(n for n in self._adapters if n not in names)
-                self._unload(self._adapters.pop(victim))
-            self._adapters[name] = self._load(name)
+        self.load(wanted)
         self._apply(wanted)
         self._active = wanted
+        return wanted
+
+    def _checked(self, loras: Iterable[tuple[str, float]]) -> LoraSet:
+        wanted = normalize_loras(loras)
+        if len(wanted) > self.max_loaded:
+            raise InvalidRequestError("loras", f"at most {self.max_loaded} LoRAs at once")
         return wanted
 
     def _apply(self, wanted: LoraSet) -> None:
@@ -168,8 +204,8 @@ class AdapterManager:
                 disable_lora_for_text_encoder(component)
             component.requires_grad_(False)  # peft marks active adapters trainable
 
-    def _load(self, name: str) -> str:
-        """Inject LoRA ``name`` into this manager's parts as a fresh adapter; returns its name."""
+    def _prepare(self, name: str) -> PreparedLora:
+        """LoRA ``name``'s file read, its kind and layout checked, its keys made diffusers'."""
         path = self.library.resolve(name)
         state_dict, metadata = read_lora(path)
         if not state_dict or not all(_LORA_KEY.search(key) for key in state_dict):
@@ -189,6 +225,11 @@ class AdapterManager:
                                       "model's UNet or text encoders")
         if metadata is not None and alphas:
             metadata = None  # diffusers takes one or the other; kohya alphas are the weights' own
+        return PreparedLora(name, state_dict, alphas, metadata)
+
+    def _inject(self, lora: PreparedLora) -> str:
+        """Inject ``lora`` into this manager's parts as a fresh adapter; returns its name."""
+        state_dict, alphas, metadata = lora.state_dict, lora.alphas, lora.metadata
         self._serial += 1
         adapter = f"lora_{self._serial}"
         self._where[adapter] = []
@@ -210,7 +251,7 @@ class AdapterManager:
                     self._where[adapter].append(prefix)
         except Exception as error:  # shapes that do not fit, modules the model lacks
             self._unload(adapter)
-            raise InvalidRequestError("loras", f"{name}: does not fit model {self._model_name!r} "
+            raise InvalidRequestError("loras", f"{lora.name}: does not fit model {self._model_name!r} "
                                       f"({type(error).__name__}: {str(error)[:300]})") from None
         self.loads += 1
         return adapter

@@ -116,14 +116,20 @@ def traffic_panels() -> list[dict[str, Any]]:
         row("Traffic"),
         timeseries("Requests/s by endpoint", [target(
             f"sum by (endpoint) (rate({req}{{{SEL}}}[{RATE}]))", "{{endpoint}}")], "reqps",
-            "Every HTTP answer of the Ingress, by route template."),
+            "Every HTTP answer of the Ingress, by route template.", width=6),
         timeseries("Errors/s by endpoint and status", [target(
             f'sum by (endpoint, status) (rate({req}{{{SEL}, status=~"4..|5.."}}[{RATE}]))',
             "{{endpoint}} {{status}}")], "reqps",
-            "4xx: the caller's mistakes; 499: the client left first; 5xx: overload (503) or faults."),
+            "4xx: the caller's mistakes; 499: the client left first; 5xx: overload (503) or faults.",
+            width=6),
+        timeseries("API key failures/s by reason", [target(
+            f"sum by (reason) (rate({raydiance('auth_failures_total')}{{{SEL}}}[{RATE}]))",
+            "{{reason}}")], "reqps",
+            "401s for the API key (only with auth configured): missing, malformed or wrong. "
+            "A rise in wrong: a client with an old key, or someone guessing.", width=6),
         timeseries("Images/s", [target(
             f"sum by (model) (rate({raydiance('images_total')}{{{SEL}}}[{RATE}]))", "{{model}}")],
-            "short", "Images decoded to PNG, per second."),
+            "short", "Images decoded to PNG, per second.", width=6),
         timeseries("Request latency by endpoint (p50/p95/p99)",
                    quantiles(raydiance("request_latency_seconds"), "endpoint"), "s",
                    "From the request reaching the Ingress to the last byte of its answer.", width=12),

@@ -7,13 +7,15 @@ A1111's ``<lora:name:weight>`` prompt tags, stripped before CLIP.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
+import itertools
 import json
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.prompt_loras import parse_prompt_loras
@@ -21,7 +23,8 @@ from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 from deployments.api.errors import ApiError, in_callers_terms
 from deployments.api.generation import Generation, ServedModels
-from deployments.api.protocol import CacheRequest, GuidanceScale, ImageCount, ImageSide, Seed, Steps
+from deployments.api.protocol import (REQUEST_ERRORS, SERVER_ERRORS, CacheRequest, GuidanceScale,
+                                      ImageCount, ImageSide, Name, Seed, Steps, Text)
 from deployments.api.serving import Serving
 from deployments.messages import Decoded
 
@@ -34,28 +37,29 @@ class OverrideSettings(BaseModel):
     """A1111's per-request settings: the checkpoint, and Raydiance's ``cache`` (A1111 clients can
     pass only ``override_settings`` through); other A1111 settings are accepted and ignored."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
-    sd_model_checkpoint: str | None = None
+    sd_model_checkpoint: Name | None = None
     cache: CacheRequest | None = None
 
 
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img. Defaults are the A1111 web UI's; A1111 fields Raydiance does not
-    implement (hires fix, restore_faces, ...) are accepted and ignored, as A1111 does."""
+    implement (hires fix, restore_faces, alwayson_scripts, ...) are accepted and ignored, as A1111
+    does: dropped while parsing, so they are never echoed back in ``parameters``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
-    prompt: str = ""
-    negative_prompt: str | None = None
+    prompt: Text = ""
+    negative_prompt: Text | None = None
     steps: Steps = 20
     cfg_scale: GuidanceScale = 7.0
     width: ImageSide | None = None
     height: ImageSide | None = None
     seed: Seed = -1
-    sampler_name: str | None = None
-    sampler_index: str | None = None
-    scheduler: str | None = None
+    sampler_name: Name | None = None
+    sampler_index: Name | None = None
+    scheduler: Name | None = None
     batch_size: ImageCount = 1
     n_iter: ImageCount = 1
     override_settings: OverrideSettings | None = None
@@ -64,8 +68,17 @@ class Txt2ImgRequest(BaseModel):
 
 class Txt2ImgResponse(BaseModel):
     images: list[str]
-    parameters: dict[str, Any]
+    parameters: dict[str, Any]  # the request's known fields, as parsed
     info: str
+
+
+class OptionsUpdate(BaseModel):
+    """POST /sdapi/v1/options. Open WebUI posts back the whole options object with one key
+    changed: other keys are accepted and ignored; only the checkpoint is checked and kept."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sd_model_checkpoint: Name | None = None
 
 
 def _sampler(body: Txt2ImgRequest) -> str:
@@ -124,7 +137,7 @@ def _info(body: Txt2ImgRequest, generation: Generation, images: list[Decoded]) -
     }
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass
 class _Job:
     """A txt2img in flight on this replica: steps done per image, of ``steps``."""
 
@@ -135,52 +148,56 @@ class _Job:
 class A1111Api:
     def __init__(self, serving: Serving, models: ServedModels) -> None:
         self.serving, self.models = serving, models
-        self.jobs: list[_Job] = []
+        # in flight, by a number of their own: two jobs with equal progress stay two entries
+        self.jobs: dict[int, _Job] = {}
+        self._job_ids = itertools.count()
         self.options: dict[str, Any] = {
             "sd_model_checkpoint": models.default_model, "sd_checkpoint_hash": None,
             "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
         }
 
     async def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
-        generation = to_generation(body, self.models, self.options["sd_model_checkpoint"])
-        job = _Job(generation.steps, [0] * generation.count)
-        self.jobs.append(job)
+        generation = await asyncio.to_thread(to_generation, body, self.models,
+                                             self.options["sd_model_checkpoint"])
+        job_id, job = next(self._job_ids), _Job(generation.steps, [0] * generation.count)
+        self.jobs[job_id] = job
         try:
             images = await self.serving.generate(
                 generation, on_step=lambda image, progress: job.done.__setitem__(image, progress.step))
         finally:
-            self.jobs.remove(job)
+            del self.jobs[job_id]
         return Txt2ImgResponse(images=[base64.b64encode(d.png).decode("ascii") for d in images],
                                parameters=body.model_dump(mode="json"),
                                info=json.dumps(_info(body, generation, images)))
 
-    def set_options(self, options: dict[str, Any]) -> None:
-        """Open WebUI posts back the whole options object with one key changed: unknown keys
-        are accepted and ignored; only the checkpoint is checked and kept."""
-        model = options.get("sd_model_checkpoint")
+    async def set_options(self, options: OptionsUpdate) -> None:
+        """Selects the checkpoint (404 naming ``sd_model_checkpoint`` if it is not served)."""
+        model = options.sd_model_checkpoint
         if model is not None:
-            self.models.describe(model, field="sd_model_checkpoint")
+            await asyncio.to_thread(self.models.describe, model, "sd_model_checkpoint")
             self.options["sd_model_checkpoint"] = model
 
     def progress(self) -> dict[str, Any]:
         """Step progress of the txt2img requests in flight on this replica."""
-        total = sum(job.steps * len(job.done) for job in self.jobs)
-        finished = sum(sum(job.done) for job in self.jobs)
-        latest = self.jobs[-1] if self.jobs else _Job(0, [0])
+        jobs = list(self.jobs.values())
+        total = sum(job.steps * len(job.done) for job in jobs)
+        finished = sum(sum(job.done) for job in jobs)
+        latest = jobs[-1] if jobs else _Job(0, [0])
         return {"progress": finished / total if total else 0.0, "eta_relative": 0.0,
                 "current_image": None, "textinfo": None,
                 "state": {"skipped": False, "interrupted": False, "job": "",
-                          "job_count": len(self.jobs), "job_timestamp": "0", "job_no": 0,
+                          "job_count": len(jobs), "job_timestamp": "0", "job_no": 0,
                           "sampling_step": max(latest.done), "sampling_steps": latest.steps}}
 
-    def sd_models(self) -> list[dict[str, Any]]:
+    async def sd_models(self) -> list[dict[str, Any]]:
+        infos = await asyncio.to_thread(self.models.catalog.describe_all)
         return [{"title": info.name, "model_name": info.name, "hash": None, "sha256": None,
-                 "filename": info.path, "config": None} for info in self.models.catalog.describe_all()]
+                 "filename": info.path, "config": None} for info in infos]
 
-    def loras(self) -> list[dict[str, Any]]:
+    async def loras(self) -> list[dict[str, Any]]:
         """What A1111's Lora extension lists; clients build ``<lora:name:weight>`` tags from it."""
-        return [{"name": name, "alias": name, "path": str(self.models.loras.resolve(name)),
-                 "metadata": {}} for name in self.models.lora_names()]
+        files = await asyncio.to_thread(self.models.lora_files)
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}} for name, path in files]
 
 
 def _api(request: Request) -> A1111Api:
@@ -188,10 +205,10 @@ def _api(request: Request) -> A1111Api:
 
 
 Api = Annotated[A1111Api, Depends(_api)]
-router = APIRouter(prefix="/sdapi/v1")
+router = APIRouter(prefix="/sdapi/v1", responses=SERVER_ERRORS)
 
 
-@router.post("/txt2img", response_model=Txt2ImgResponse)
+@router.post("/txt2img", response_model=Txt2ImgResponse, responses=REQUEST_ERRORS)
 async def txt2img(body: Txt2ImgRequest, api: Api) -> Txt2ImgResponse:
     return await api.txt2img(body)
 
@@ -201,9 +218,9 @@ async def get_options(api: Api) -> dict[str, Any]:
     return dict(api.options)
 
 
-@router.post("/options")
-async def set_options(api: Api, body: dict[str, Any] = Body(...)) -> None:
-    api.set_options(body)
+@router.post("/options", responses=REQUEST_ERRORS)
+async def set_options(body: OptionsUpdate, api: Api) -> None:
+    await api.set_options(body)
 
 
 @router.get("/progress")
@@ -213,12 +230,12 @@ async def progress(api: Api) -> dict[str, Any]:
 
 @router.get("/sd-models")
 async def sd_models(api: Api) -> list[dict[str, Any]]:
-    return api.sd_models()
+    return await api.sd_models()
 
 
 @router.get("/loras")
 async def loras(api: Api) -> list[dict[str, Any]]:
-    return api.loras()
+    return await api.loras()
 
 
 @router.get("/samplers")

@@ -3,12 +3,14 @@
 One body shape serves all three APIs: OpenAI clients read ``error.message``, FastAPI and A1111
 clients read ``detail``. The OpenAI route answers a bad value with 400 (what OpenAI does and what
 its client maps to BadRequestError); the native and A1111 routes with 422, as FastAPI does.
-A 5xx body says what failed in general terms only: the traceback goes to the log.
+Every body carries the request's id (``error.request_id``, the ``x-request-id`` of the answer);
+a 5xx body says what failed in general terms only, and that id: the traceback goes to the log
+under the same id. 429 and 503 say when to retry (``Retry-After``).
 """
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator, Mapping
 
 from fastapi import FastAPI, Request
@@ -18,8 +20,14 @@ from starlette.exceptions import HTTPException
 
 from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError
 
-logger = logging.getLogger("ray.serve")
 OPENAI_PREFIX = "/v1/images/"
+DEFAULT_RETRY_AFTER_S = 5
+REQUEST_ID: ContextVar[str | None] = ContextVar("raydiance_request_id", default=None)
+"""The id of the request being answered (set by ``middleware.RequestIdMiddleware``)."""
+
+
+def current_request_id() -> str | None:
+    return REQUEST_ID.get()
 
 
 class ApiError(Exception):
@@ -40,9 +48,12 @@ class ApiError(Exception):
 
 def caller_mistake(error: BaseException) -> ApiError | None:
     """A pipeline error about the request as an ``ApiError`` (404 for a name that does not
-    exist), or None when ``error`` is not the caller's mistake."""
+    exist; 4xx naming ``model`` for a model whose files cannot be used, wherever that is found:
+    retrying will not help, another model will), or None when ``error`` is no such thing."""
     if isinstance(error, ApiError):
         return error
+    if isinstance(error, ModelLoadError):  # pickled weights (UnsafeWeightsError) included
+        return ApiError("model", error.message, code="model_unusable")
     if isinstance(error, NotFoundError):  # OpenAI's code for an unknown model; ours for a LoRA
         code = {"model": "model_not_found", "loras": "lora_not_found"}.get(error.field, "not_found")
         return ApiError(error.field, error.message, status=404, code=code)
@@ -57,16 +68,24 @@ def in_callers_terms(names: Mapping[str, str]) -> Iterator[None]:
     ``names`` maps the neutral names (``count``) to the dialect's (``n``)."""
     try:
         yield
-    except (ApiError, InvalidRequestError) as error:
+    except (ApiError, InvalidRequestError, ModelLoadError) as error:
         raise caller_mistake(error).renamed(names) from None  # type: ignore[union-attr]
-    except ModelLoadError as error:  # a served name whose files cannot be read
-        raise ApiError("model", str(error), code="model_unusable").renamed(names) from None
 
 
 def error_body(status: int, field: str | None, message: str, code: str) -> dict:
     text = f"{field}: {message}" if field else message
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": text, "type": kind, "param": field, "code": code}, "detail": text}
+    error = {"message": text, "type": kind, "param": field, "code": code}
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error, "detail": text}
+
+
+def internal_error_body() -> dict:
+    """A bug's answer: no detail at all, only the id under which the log has the traceback."""
+    message = f"internal error (request id {REQUEST_ID.get() or 'unknown'}); see the server log"
+    return error_body(500, None, message, "internal_error")
 
 
 def error_response(status: int, field: str | None, message: str, code: str,
@@ -74,19 +93,20 @@ def error_response(status: int, field: str | None, message: str, code: str,
     return JSONResponse(error_body(status, field, message, code), status_code=status, headers=headers)
 
 
-def api_error_response(error: ApiError, path: str) -> JSONResponse:
-    """The answer to ``error`` on a route at ``path``; 429 and 503 say when to retry."""
-    status = error.status or default_status(path)
-    headers = {"Retry-After": "5"} if status in (429, 503) else None
+def api_error_response(error: ApiError, request: Request,
+                       retry_after_s: int = DEFAULT_RETRY_AFTER_S) -> JSONResponse:
+    """The answer to ``error`` on ``request``'s route; 429 and 503 say when to retry."""
+    status = error.status or default_status(request)
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return error_response(status, error.field, error.message, error.code, headers)
 
 
-def default_status(path: str) -> int:
+def default_status(request: Request) -> int:
+    """400 on the OpenAI route, 422 elsewhere; the path read below the app's route prefix."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
     return 400 if path.startswith(OPENAI_PREFIX) else 422
-
-
-async def _api_error(request: Request, error: ApiError) -> JSONResponse:
-    return api_error_response(error, request.url.path)
 
 
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -97,24 +117,25 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
     invalid_json = first.get("type") == "json_invalid"
     field = ".".join(loc) if loc and not invalid_json else "body"
     message = "not valid JSON" if invalid_json else first.get("msg", "invalid value")
-    return error_response(default_status(request.url.path), field, message,
+    return error_response(default_status(request), field, message,
                           first.get("type", "invalid"))
 
 
 async def _http(request: Request, error: HTTPException) -> JSONResponse:
     # FastAPI's own refusals (unknown route, wrong method, body too large) in the same shape.
-    field = "body" if error.status_code == 413 else None
-    return error_response(error.status_code, field, str(error.detail), f"http_{error.status_code}",
+    too_large = error.status_code == 413
+    return error_response(error.status_code, "body" if too_large else None, str(error.detail),
+                          "too_large" if too_large else f"http_{error.status_code}",
                           dict(error.headers or {}))
 
 
-async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s", request.url.path)
-    return error_response(500, None, f"internal error: {type(error).__name__}", "internal_error")
+def install_error_handlers(app: FastAPI, retry_after_s: int = DEFAULT_RETRY_AFTER_S) -> None:
+    """The caller's mistakes and FastAPI's refusals as JSON. A bug's 500 is answered by
+    ``middleware.ErrorBoundaryMiddleware``, which knows the request's id."""
 
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return api_error_response(error, request, retry_after_s)
 
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(Exception, _unexpected)

@@ -4,11 +4,15 @@ Each dialect maps its body onto ``ServedModels.resolve``, which looks the model 
 fills the defaults, checks the config's limits (in one place, ``_check_limits``), merges the
 cache settings with the family's default and draws the seed. Its errors name the caller's own
 fields: the dialect passes its names for the neutral ones.
+
+Looking a model or LoRA up stats files and may read a checkpoint's header: the dialects call
+``resolve`` and the listings here through ``asyncio.to_thread``, never on the event loop.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.library import LoraLibrary, ModelCatalog, ModelInfo
 from pipeline.lora import LoraSet, normalize_loras
@@ -67,6 +71,12 @@ class ServedModels:
     def lora_names(self) -> list[str]:
         return self.loras.names() if self.loras is not None else []
 
+    def lora_files(self) -> list[tuple[str, Path]]:
+        """Each LoRA's name and file (A1111 lists both)."""
+        if self.loras is None:
+            return []
+        return [(name, self.loras.resolve(name)) for name in self.loras.names()]
+
     def resolve(self, names: Mapping[str, str], *, prompt: str, negative_prompt: str | None,
                 model: str | None, width: int | None, height: int | None, steps: int,
                 guidance_scale: float, sampler: str | None, seed: int | None, count: int,
@@ -76,7 +86,8 @@ class ServedModels:
         checked with the body (``deployments.api.protocol``)."""
         with in_callers_terms(names):
             info = self.catalog.describe(model or self.default_model)
-            width, height = width or info.native_size, height or info.native_size
+            width = info.native_size if width is None else width  # 0 is no size: ImageSide refuses it
+            height = info.native_size if height is None else height
             _check_limits(self.limits, width=width, height=height, steps=steps, count=count,
                           prompt=prompt, negative_prompt=negative_prompt or "")
             overrides = cache.overrides() if cache is not None else None

@@ -15,9 +15,12 @@ from ray.serve.handle import DeploymentHandle
 from pipeline.library import LoraLibrary
 
 from deployments.api import a1111, native, openai
+from deployments.api.admission import BackpressureSettings
+from deployments.api.auth import CorsSettings, install_access_control
 from deployments.api.errors import install_error_handlers
 from deployments.api.generation import ServedModels
-from deployments.api.middleware import install_middleware
+from deployments.api.keys import AuthSettings
+from deployments.api.middleware import install_guards, install_middleware
 from deployments.api.serving import Serving, Stages
 from deployments.settings import Limits, StageSettings
 
@@ -28,10 +31,16 @@ class IngressSettings(BaseModel):
     stage: StageSettings  # where the models and LoRAs are (the Ingress reads metadata only)
     limits: Limits
     request_timeout_s: PositiveFloat = 300.0
+    auth: AuthSettings | None = None
+    cors: CorsSettings = CorsSettings()
+    backpressure: BackpressureSettings = BackpressureSettings()
 
 
-def build_api(serving: Serving, models: ServedModels) -> FastAPI:
-    """The HTTP API over ``serving`` and ``models``; OpenAPI at ``/openapi.json``."""
+def build_api(serving: Serving, models: ServedModels, settings: IngressSettings) -> FastAPI:
+    """The HTTP API over ``serving`` and ``models``; OpenAPI at ``/openapi.json``.
+
+    Its layers, outermost first: metrics, request id, error boundary (the 500s), CORS and the
+    key check, admission (backpressure), the body limit, then FastAPI's own error handlers."""
     app = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
                   version="0.1.0")
     for router in (native.router, openai.router, a1111.router):
@@ -39,12 +48,16 @@ def build_api(serving: Serving, models: ServedModels) -> FastAPI:
     app.state.native = native.NativeApi(serving, models)
     app.state.openai = openai.OpenAIApi(serving, models)
     app.state.a1111 = a1111.A1111Api(serving, models)
-    install_error_handlers(app)
-    install_middleware(app, max_body_bytes=MAX_BODY_BYTES)
+    install_error_handlers(app, settings.backpressure.retry_after_s)
+    install_guards(app, MAX_BODY_BYTES, settings.backpressure)
+    install_access_control(app, settings.auth, settings.cors)
+    install_middleware(app)
     return app
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64)
+# Above backpressure.max_requests_in_flight: a request beyond that limit must reach the Ingress
+# to be answered in JSON, not wait in the proxy's queue (GETs are not counted there).
+@serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
@@ -53,6 +66,7 @@ class Ingress:
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
         self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
                                    LoraLibrary(stage.loras_dir) if stage.loras_dir else None)
+        self.settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.serving, self.models)
+        return build_api(self.serving, self.models, self.settings)

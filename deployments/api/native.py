@@ -3,6 +3,7 @@ counts and per-stage timings in headers; ``/v1/generate/stream`` is the same req
 server-sent events; ``GET /v1/models``, ``/v1/loras`` and ``/healthz``."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -17,9 +18,9 @@ from pipeline.samplers import DEFAULT_SAMPLER
 
 from deployments.api.errors import ApiError, error_body
 from deployments.api.generation import Generation, ServedModels
-from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, CacheRequest,
-                                      GuidanceScale, ImageSide, LoraRequest, Seed, Steps,
-                                      lora_pairs)
+from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
+                                      SERVER_ERRORS, CacheRequest, GuidanceScale, ImageSide,
+                                      LoraRequest, Name, Seed, Steps, Text, lora_pairs)
 from deployments.api.serving import Serving
 from deployments.messages import Decoded
 from deployments.reporting import ReportingTask
@@ -33,15 +34,15 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
-    negative_prompt: str | None = None
+    prompt: Text
+    negative_prompt: Text | None = None
     width: ImageSide | None = None  # absent: the model's native size
     height: ImageSide | None = None
     steps: Steps = DEFAULT_STEPS
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
     seed: Seed | None = None
-    sampler: str = DEFAULT_SAMPLER
-    model: str | None = None
+    sampler: Name = DEFAULT_SAMPLER
+    model: Name | None = None
     cache: CacheRequest | None = None
     loras: list[LoraRequest] = Field(default_factory=list)
 
@@ -78,13 +79,14 @@ class NativeApi:
 
     async def generate(self, body: GenerateRequest) -> Response:
         start = time.perf_counter()
-        generation = to_generation(body, self.models)
+        generation = await asyncio.to_thread(to_generation, body, self.models)
         (decoded,) = await self.serving.generate(generation)
         headers = _image_headers(generation, decoded, (time.perf_counter() - start) * 1000)
         return Response(decoded.png, media_type="image/png", headers=headers)
 
-    def stream(self, body: GenerateRequest) -> EventSourceResponse:
-        generation = to_generation(body, self.models)  # a bad request is refused before streaming
+    async def stream(self, body: GenerateRequest) -> EventSourceResponse:
+        # a bad request is refused before streaming
+        generation = await asyncio.to_thread(to_generation, body, self.models)
         return EventSourceResponse(self._events(generation), ping=PING_S,
                                    headers={"x-raydiance-seed": str(generation.seed)})
 
@@ -113,16 +115,16 @@ class NativeApi:
                                        "steps_cached": decoded.steps_cached, "timings": decoded.timings},
                                       event="image")
 
-    def list_models(self) -> dict[str, Any]:
+    async def list_models(self) -> dict[str, Any]:
+        infos = await asyncio.to_thread(self.models.catalog.describe_all)
         data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
                  "family": info.family, "native_size": info.native_size,
-                 "default": info.name == self.models.default_model}
-                for info in self.models.catalog.describe_all()]
+                 "default": info.name == self.models.default_model} for info in infos]
         return {"object": "list", "data": data}
 
-    def list_loras(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "lora"}
-                                           for name in self.models.lora_names()]}
+    async def list_loras(self) -> dict[str, Any]:
+        names = await asyncio.to_thread(self.models.lora_names)
+        return {"object": "list", "data": [{"id": name, "object": "lora"} for name in names]}
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "default_model": self.models.default_model}
@@ -133,32 +135,33 @@ def _api(request: Request) -> NativeApi:
 
 
 Api = Annotated[NativeApi, Depends(_api)]
-router = APIRouter()
+router = APIRouter(responses=SERVER_ERRORS)
 
 
-@router.post("/v1/generate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+@router.post("/v1/generate", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, **REQUEST_ERRORS})
 async def generate(body: GenerateRequest, api: Api) -> Response:
     return await api.generate(body)
 
 
 @router.post("/v1/generate/stream", response_class=EventSourceResponse,
-             responses={200: {"content": {"text/event-stream": {}}}})
+             responses={200: {"content": {"text/event-stream": {}}}, **REQUEST_ERRORS})
 async def generate_stream(body: GenerateRequest, api: Api) -> EventSourceResponse:
     """``/v1/generate`` as server-sent events: ``step`` after every denoising step (``{"step",
     "steps"}``), then ``image`` (``{"seed", "png_base64", "steps_computed", "steps_cached",
     "timings"}``), or ``error`` (the JSON error body) if it fails once streaming has begun. A bad
     request is refused before streaming, as ``/v1/generate``."""
-    return api.stream(body)
+    return await api.stream(body)
 
 
 @router.get("/v1/models")
 async def models(api: Api) -> dict[str, Any]:
-    return api.list_models()
+    return await api.list_models()
 
 
 @router.get("/v1/loras")
 async def loras(api: Api) -> dict[str, Any]:
-    return api.list_loras()
+    return await api.list_loras()
 
 
 @router.get("/healthz")

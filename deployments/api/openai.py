@@ -3,6 +3,7 @@ call it. ``n`` images of one prompt, as base64 PNGs; a bad value is a 400 naming
 the client raises as ``BadRequestError``."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -15,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from deployments.api.errors import ApiError
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.native import step_headers
-from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, CacheRequest, ImageCount,
-                                      ImageSide, LoraRequest, Seed, Steps, lora_pairs)
+from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
+                                      SERVER_ERRORS, CacheRequest, ImageCount, ImageSide,
+                                      LoraRequest, Name, NonEmptyText, Seed, Steps, Text, lora_pairs)
 from deployments.api.serving import Serving
 
 NAMES = {"width": "size", "height": "size", "count": "n"}  # neutral field -> this API's
@@ -26,19 +28,20 @@ _SIDE = TypeAdapter(ImageSide)
 
 class OpenAIImageRequest(BaseModel):
     """POST /v1/images/generations; OpenAI-only knobs (quality, style, user...) are accepted and
-    ignored, as a drop-in backend must. ``negative_prompt``, ``steps``, ``seed``, ``cache`` and
-    ``loras`` are Raydiance's (the client's ``extra_body``)."""
+    ignored, as a drop-in backend must (never read, never echoed). ``negative_prompt``,
+    ``steps``, ``seed``, ``cache`` and ``loras`` are Raydiance's (the client's ``extra_body``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
+    prompt: NonEmptyText
+    model: Name | None = None
     n: ImageCount = 1
-    size: str | None = None  # WIDTHxHEIGHT or "auto"
-    response_format: str | None = None  # only b64_json: this server keeps no files to link to
-    output_format: str | None = None  # only png
+    size: Name | None = Field(None, description="WIDTHxHEIGHT, each side a multiple of 8 within "
+                              "the server's limits, or 'auto' (absent: the model's native size)")
+    response_format: Name | None = None  # only b64_json: this server keeps no files to link to
+    output_format: Name | None = None  # only png
     stream: bool | None = None  # no partial images
-    negative_prompt: str | None = None  # not OpenAI's, but Open WebUI and others send it
+    negative_prompt: Text | None = None  # not OpenAI's, but Open WebUI and others send it
     steps: Steps | None = None
     seed: Seed | None = None
     cache: CacheRequest | None = None
@@ -99,7 +102,7 @@ class OpenAIApi:
         self.serving, self.models = serving, models
 
     async def generate(self, body: OpenAIImageRequest, response: Response) -> OpenAIImagesResponse:
-        generation = to_generation(body, self.models)
+        generation = await asyncio.to_thread(to_generation, body, self.models)
         images = await self.serving.generate(generation)
         response.headers.update(step_headers(images))
         return OpenAIImagesResponse(
@@ -111,10 +114,10 @@ def _api(request: Request) -> OpenAIApi:
     return request.app.state.openai
 
 
-router = APIRouter()
+router = APIRouter(responses=SERVER_ERRORS)
 
 
-@router.post("/v1/images/generations", response_model=OpenAIImagesResponse)
+@router.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=REQUEST_ERRORS)
 async def generations(body: OpenAIImageRequest, response: Response,
                       api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
     return await api.generate(body, response)

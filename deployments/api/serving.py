@@ -5,26 +5,34 @@ back, plus, when progress is wanted, a ``StepProgress`` per step and each image'
 ``Denoised``, whose latents stay in Ray's object store as a reference the Ingress hands on to the
 VAEDecoder unread. The prompt's conditioning never comes here: the TextEncoder's answer goes to
 the Denoiser as a chained DeploymentResponse, and so do the latents when no progress is wanted.
+
+Faults (``deployments.api.faults``): a stage replica that dies answers 503 with Retry-After,
+except where a second try is safe and cheap. The TextEncoder and the VAEDecoder are idempotent
+and fast, so a call that a dead replica of theirs lost is made once more (Serve routes it to a
+live replica); a Denoiser's call is not: a retry would redo the whole denoising on the replicas
+that just lost a peer, and a request that killed its replica (say, out of memory) would kill a
+second one. The client, told 503 and when to retry, decides.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import TypeVar
 
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pipeline.denoise import DenoiseParams
-from pipeline.errors import RaydianceError
 
-from deployments.api.errors import ApiError, caller_mistake
+from deployments.api.errors import current_request_id
+from deployments.api.faults import is_fault, translate
 from deployments.api.generation import Generation
-from deployments.messages import Decoded, EncodeRequest, StepProgress
+from deployments.messages import Decoded, Denoised, EncodeRequest, StepProgress
 
 logger = logging.getLogger("ray.serve")
 OnStep = Callable[[int, StepProgress], None]  # (image index, that image's progress)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,74 +55,121 @@ class Serving:
         self.stages, self.timeout_s = stages, timeout_s
 
     async def generate(self, generation: Generation, on_step: OnStep | None = None) -> list[Decoded]:
-        """One ``Decoded`` per seed of ``generation.seeds()``; ``on_step`` hears of every step."""
-        stages = self.stages.holding(generation.model)
-        encoded = stages.text_encoder.encode.remote(EncodeRequest(
-            generation.model, generation.prompt, generation.negative_prompt, generation.loras))
-        images = [_image(stages, encoded, generation, seed, index, on_step)
-                  for index, seed in enumerate(generation.seeds())]
+        """One ``Decoded`` per seed of ``generation.seeds()``; ``on_step`` hears of every step.
+        A stage's failure is raised as the answer it deserves (``faults.translate``)."""
+        calls = StageCalls(self.stages.holding(generation.model))
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*images), self.timeout_s))
+            return await asyncio.wait_for(calls.generate(generation, on_step), self.timeout_s)
         except BaseException as error:
-            for response in (encoded, *images):
-                if isinstance(response, DeploymentResponse):
-                    response.cancel()  # a caller gone or timed out: stop the stages' work too
-            translated = _translate(error)
+            # Translate first: cancelling a call whose assignment failed raises that failure again.
+            translated = translate(error)
+            calls.cancel()  # a caller gone, timed out or failed: stop the stages' work too
             if translated is error:
                 raise
             raise translated from error
 
 
-def _image(stages: Stages, encoded: DeploymentResponse, generation: Generation, seed: int,
-           index: int, on_step: OnStep | None) -> Awaitable[Decoded]:
-    """One image's denoise and decode: a chained DeploymentResponse, or with ``on_step`` a
-    coroutine that reads the Denoiser's progress stream."""
-    params = DenoiseParams(width=generation.width, height=generation.height, steps=generation.steps,
-                           guidance_scale=generation.guidance_scale, seed=seed,
-                           sampler=generation.sampler, cache=generation.cache)
-    if on_step is None:
-        return stages.vae_decoder.decode.remote(stages.denoiser.denoise.remote(encoded, params),
-                                                generation.infotext(seed))
-    return _reporting_image(stages, encoded, params, generation.infotext(seed),
-                            lambda progress: on_step(index, progress))
+class StageCalls:
+    """The stage calls made for one request: kept, so that all of them can be cancelled."""
+
+    def __init__(self, stages: Stages) -> None:
+        self.stages = stages
+        self.made: list[DeploymentResponse] = []
+
+    def _kept(self, response: T) -> T:
+        if isinstance(response, DeploymentResponse):
+            self.made.append(response)
+        return response
+
+    def cancel(self) -> None:
+        for response in self.made:
+            try:
+                response.cancel()  # a no-op once done
+            except Exception:  # noqa: BLE001 - the call's own failure, already answered
+                pass
+
+    async def generate(self, generation: Generation, on_step: OnStep | None) -> list[Decoded]:
+        """Every image; once more if the TextEncoder's replica was lost (no image got further)."""
+        request = EncodeRequest(generation.model, generation.prompt, generation.negative_prompt,
+                                generation.loras)
+        encoded = self._kept(self.stages.text_encoder.encode.remote(request))
+        try:
+            return await _all(self._images(encoded, generation, on_step))
+        except Exception as error:
+            if not is_fault(error) or not await _fails_by_fault(encoded):
+                raise
+            _log_retry("TextEncoder", error)
+        encoded = self._kept(self.stages.text_encoder.encode.remote(request))
+        return await _all(self._images(encoded, generation, on_step))
+
+    def _images(self, encoded: DeploymentResponse, generation: Generation,
+                on_step: OnStep | None) -> list[Awaitable[Decoded]]:
+        return [self._image(encoded, generation, seed, index, on_step)
+                for index, seed in enumerate(generation.seeds())]
+
+    async def _image(self, encoded: DeploymentResponse, generation: Generation, seed: int,
+                     index: int, on_step: OnStep | None) -> Decoded:
+        params = DenoiseParams(width=generation.width, height=generation.height,
+                               steps=generation.steps, guidance_scale=generation.guidance_scale,
+                               seed=seed, sampler=generation.sampler, cache=generation.cache)
+        if on_step is None:  # replica to replica: the latents never come here
+            denoised = self._kept(self.stages.denoiser.denoise.remote(encoded, params))
+        else:
+            denoised = await self._reported_denoise(encoded, params,
+                                                    lambda progress: on_step(index, progress))
+        return await self._decoded(denoised, generation.infotext(seed))
+
+    async def _reported_denoise(self, encoded: DeploymentResponse, params: DenoiseParams,
+                                on_step: Callable[[StepProgress], None]) -> Denoised:
+        """The Denoiser's progress stream read: a ``StepProgress`` per step, then the
+        ``Denoised`` whose latents are an object reference, handed on unread."""
+        stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(encoded, params)
+        denoised = None
+        try:
+            async for item in stream:
+                if isinstance(item, StepProgress):
+                    on_step(item)
+                else:
+                    denoised = item
+        finally:
+            stream.cancel()  # a no-op once it ended; stops the Denoiser if we were cancelled
+        if denoised is None:
+            raise RuntimeError("the Denoiser's stream ended without its result")
+        return denoised
+
+    async def _decoded(self, denoised: DeploymentResponse | Denoised, infotext: str) -> Decoded:
+        """The VAEDecoder's PNG; once more if its replica was lost while the latents are safe."""
+        try:
+            return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext))
+        except Exception as error:
+            if not is_fault(error) or await _fails_by_fault(denoised):
+                raise  # not a lost replica, or the Denoiser's loss: no retry
+            _log_retry("VAEDecoder", error)
+        return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext))
 
 
-async def _reporting_image(stages: Stages, encoded: DeploymentResponse, params: DenoiseParams,
-                           infotext: str, on_step: Callable[[StepProgress], None]) -> Decoded:
-    stream = stages.denoiser.options(stream=True).denoise_stream.remote(encoded, params)
-    denoised = None
+async def _all(images: Iterable[Awaitable[T]]) -> list[T]:
+    """Every result, in order; on the first failure the others stop waiting."""
+    tasks = [asyncio.ensure_future(image) for image in images]
     try:
-        async for item in stream:
-            if isinstance(item, StepProgress):
-                on_step(item)
-            else:
-                denoised = item  # its latents: an object reference, handed on unread
+        return list(await asyncio.gather(*tasks))
     finally:
-        stream.cancel()  # a no-op once it ended; stops the Denoiser if we were cancelled
-    return await stages.vae_decoder.decode.remote(denoised, infotext)
+        for task in tasks:
+            task.cancel()  # a no-op for those done
 
 
-def _root_cause(error: BaseException) -> BaseException:
-    """The user exception inside Ray's wrappers (RayTaskError.cause, possibly nested)."""
-    while getattr(error, "cause", None) is not None and error.cause is not error:
-        error = error.cause
-    return error
+async def _fails_by_fault(response: DeploymentResponse | object) -> bool:
+    """Whether a call's answer is a fault (its replica lost). Read only on a failure path: the
+    answer then comes to the Ingress (conditioning or latents, at most a few MB)."""
+    if not isinstance(response, DeploymentResponse):
+        return False  # a value in hand: nothing of it was lost
+    try:
+        await response
+    except Exception as error:  # noqa: BLE001 - classified, not handled
+        return is_fault(error)
+    return False
 
 
-def _translate(error: BaseException) -> BaseException:
-    """A stage's failure as the HTTP answer it deserves; anything else unchanged (a 500)."""
-    cause = _root_cause(error)
-    mistake = caller_mistake(cause)  # e.g. a LoRA file removed since the request was checked
-    if mistake is not None:
-        return mistake
-    if isinstance(error, asyncio.TimeoutError):
-        return ApiError("request", "timed out; the server is busy, retry later", status=503,
-                        code="timeout")
-    if isinstance(cause, BackPressureError):
-        return ApiError("request", "the server is at capacity, retry later", status=503,
-                        code="overloaded")
-    if isinstance(cause, RaydianceError):  # the message may hold a path: the log gets it
-        logger.error("a stage failed: %r", cause)
-        return ApiError("model", f"{type(cause).__name__}; see the server log", status=500,
-                        code="model_error")
-    return error
+def _log_retry(stage: str, error: BaseException) -> None:
+    logger.warning("request %s: a %s replica was lost (%s); trying once more on another",
+                   current_request_id(), stage, type(error).__name__, exc_info=error)

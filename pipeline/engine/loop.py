@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.conditioning import Conditioning
 from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.engine.adapters import AdapterLoader, ReadAdapters
 from pipeline.engine.observer import EngineObserver, SilentObserver
 from pipeline.engine.request import ActiveRequest, EngineResult, OnStep
 from pipeline.engine.runner import ActivateAdapters, run_step
@@ -26,10 +27,16 @@ class DenoiseEngine:
     is cancelled (client gone, handle call cancelled), the request leaves the batch at the next
     step and no further UNet work is spent on it. The scheduler sees only ``active`` (records,
     no tensors); each record's ``Trajectory`` is the runner's, handed to it by id.
+
+    LoRAs: ``read_adapters`` loads a request's set at admission (``pipeline.engine.adapters``),
+    ``activate_adapters`` puts a group's set on the model before its forward (and loads there
+    what is still missing, e.g. without ``read_adapters``). A request whose latents stop being
+    finite fails alone, with an ``InvalidRequestError`` naming what to change.
     """
 
     def __init__(self, *, max_batch_rows: int = 16, observer: EngineObserver | None = None,
-                 activate_adapters: ActivateAdapters | None = None) -> None:
+                 activate_adapters: ActivateAdapters | None = None,
+                 read_adapters: ReadAdapters | None = None) -> None:
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be at least 1")
         self.max_batch_rows = max_batch_rows
@@ -44,13 +51,16 @@ class DenoiseEngine:
         self._worked = False  # forwards ran since the engine last went idle
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet")
+        self._adapters = AdapterLoader(read_adapters, self._executor)
         self._task: asyncio.Task | None = None
 
     async def submit(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams,
                      adapters: LoraSet = (), on_step: OnStep | None = None) -> EngineResult:
         """Denoise one image. ``adapters`` names its LoRA set (only equal sets share a forward);
-        ``on_step(done, total)`` hears of every step."""
+        ``on_step(done, total)`` hears of every step. A LoRA set that cannot be loaded fails
+        here, before the request joins any step."""
         loop = asyncio.get_running_loop()
+        await self._adapters.prepare(model, adapters)
         trajectory = await loop.run_in_executor(self._executor, Trajectory, model, conditioning, params)
         request = ActiveRequest.admit(model, trajectory, adapters, loop.create_future(), on_step)
         self._trajectories[request.id] = trajectory
@@ -117,7 +127,11 @@ class DenoiseEngine:
         self.rows += step.rows
         self.busy_s += now - start
         self.observer.on_forward(group[0].model_name, step, now - start)
-        for request in group:
+        for request, trajectory in zip(group, trajectories):
+            if trajectory.diverged_at is not None:
+                logger.info("request %d diverged after step %d", request.id, trajectory.diverged_at)
+                self._finish(request, error=request.diverged(trajectory.diverged_at))
+                continue
             request.advance(now)
             if request.done:
                 self._finish(request)
@@ -154,4 +168,5 @@ class DenoiseEngine:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        self._adapters.close()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ from typing import Callable, Hashable
 import torch
 
 from pipeline.denoise import Trajectory
+from pipeline.errors import InvalidRequestError
 from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
 
@@ -78,14 +79,24 @@ class ActiveRequest:
             except Exception:  # noqa: BLE001 - a progress listener must not stop the denoising
                 logger.exception("on_step callback failed")
 
+    def diverged(self, step: int) -> InvalidRequestError:
+        """The caller's answer when its latents stopped being finite: the field to change is
+        its LoRA weights when it has any (a LoRA at a huge weight blows up), else its guidance."""
+        field, advice = (("loras", "lower the LoRA weights (or guidance_scale)") if self.adapters
+                         else ("guidance_scale", "lower guidance_scale"))
+        return InvalidRequestError(field, f"the denoising diverged (NaN or infinite latents after "
+                                   f"step {step} of {self.steps_total}); {advice}")
+
     def result(self, trajectory: Trajectory, now: float) -> EngineResult:
-        """What the caller gets back, from the record and its finished trajectory."""
-        if trajectory.step_index != self.steps_done:
-            raise RuntimeError(f"request {self.id}: trajectory at step {trajectory.step_index}, "
-                               f"record at {self.steps_done}")
+        """What the caller gets back, from the record and its finished trajectory (whose
+        latents the runner already put on the CPU)."""
+        if trajectory.step_index != self.steps_done or trajectory.final is None:
+            raise RuntimeError(f"request {self.id}: trajectory at step {trajectory.step_index} "
+                               f"(final latents: {trajectory.final is not None}), record at "
+                               f"{self.steps_done}")
         started = self.started or self.submitted
         decisions = trajectory.decisions
-        return EngineResult(latents=trajectory.latents.detach().to("cpu"),
+        return EngineResult(latents=trajectory.final,
                             steps_computed=self.steps_done - sum(decisions),
                             steps_cached=sum(decisions), cache_decisions=decisions,
                             queued_s=started - self.submitted, denoise_s=now - started)

@@ -28,7 +28,8 @@ class StepReport:
 def run_step(group: Sequence[Trajectory], adapters: LoraSet = (),
              activate_adapters: ActivateAdapters | None = None) -> StepReport:
     """One UNet forward for ``group`` (one batch key: one model, one LoRA set); advances each
-    trajectory one step.
+    trajectory one step (a trajectory's last step leaves its latents on the CPU, so the copy
+    waits on this thread, not on an event loop; each watches its latents for NaN and infinity).
 
     The batch runs through ``FirstBlockCache.forward``: each request's cache decides for its own
     rows, and a request without one is always computed; with no cache in the group it is the

@@ -21,6 +21,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.serve import Application  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
 from tools.local_serve import deploy, free_port, wait_http  # noqa: E402
@@ -76,12 +77,28 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 DeployApp = Callable[..., str]
 
 
+def with_deployment_options(app: Application, options: dict[str, dict[str, Any]]) -> Application:
+    """``app`` with Serve options (``num_replicas``...) set on its deployments by name, as the
+    ``deployments:`` list of serve_config.yaml sets them (the Ingress binds the stages' apps)."""
+
+    def optioned(bound: Application) -> Application:
+        deployment = bound._bound_deployment
+        return Application(deployment.options(**options.get(deployment.name, {})))
+
+    ingress = app._bound_deployment
+    args = tuple(optioned(arg) if isinstance(arg, Application) else arg for arg in ingress.init_args)
+    return Application(ingress.options(_init_args=args, **options.get(ingress.name, {})))
+
+
 @pytest.fixture(scope="package")
 def deploy_app(cluster: Cluster) -> DeployApp:
-    """``deploy_app(name, route_prefix, **args)``: deploys an app and returns its base URL."""
+    """``deploy_app(name, route_prefix, deployments=None, **args)``: deploys an app and returns
+    its base URL; ``deployments`` maps a deployment's name to its Serve options."""
 
-    def deploy_one(name: str, route_prefix: str = "/", **overrides: Any) -> str:
-        deploy(build_app(app_args(cluster, **overrides)), name, timeout_s=240,
+    def deploy_one(name: str, route_prefix: str = "/",
+                   deployments: dict[str, dict[str, Any]] | None = None, **overrides: Any) -> str:
+        app = build_app(app_args(cluster, **overrides))
+        deploy(with_deployment_options(app, deployments or {}), name, timeout_s=240,
                route_prefix=route_prefix)
         url = cluster.url(route_prefix)
         wait_http(f"{url}/healthz", timeout_s=60)

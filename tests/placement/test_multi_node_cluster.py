@@ -146,7 +146,8 @@ class Traffic:
     url: str
     clients: int
     steps: int = 8
-    outcomes: list[tuple[float, int | str, float]] = field(default_factory=list)  # start, status, seconds
+    # start, status, seconds, Retry-After (None when absent)
+    outcomes: list[tuple[float, int | str, float, str | None]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> "Traffic":
@@ -166,18 +167,20 @@ class Traffic:
             while not self._stop.is_set():
                 seed += 1
                 start = time.monotonic()
+                retry_after = None
                 try:
                     response = client.post(f"{self.url}/v1/generate", json={
                         "prompt": PROMPT, "seed": seed, "steps": self.steps})
                     status: int | str = response.status_code
+                    retry_after = response.headers.get("retry-after")
                 except httpx.TimeoutException:
                     status = "timeout"
                 except httpx.HTTPError as error:
                     status = type(error).__name__
-                self.outcomes.append((start, status, time.monotonic() - start))
+                self.outcomes.append((start, status, time.monotonic() - start, retry_after))
 
     def successes_since(self, moment: float) -> int:
-        return sum(1 for start, status, _ in self.outcomes if start >= moment and status == 200)
+        return sum(1 for start, status, _, _ in self.outcomes if start >= moment and status == 200)
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -211,9 +214,22 @@ def test_the_denoiser_scales_out_onto_the_gpu_nodes_under_load(cluster, service)
     assert len(cards) == 2  # one whole card each
 
 
+def ingress_node() -> str:
+    """The node of the Ingress replica (from the GCS's actor table: no dashboard here)."""
+    import ray._private.state
+
+    (node,) = [actor["Address"]["NodeID"] for actor in
+               ray._private.state.actors(actor_state_name="ALIVE").values()
+               if "raydiance#Ingress#" in actor["Name"]]
+    return node
+
+
 def test_removing_a_gpu_node_mid_traffic_moves_its_denoisers_and_service_resumes(cluster, service):
     hosts = [r["node_id"] for r in placements("Denoiser", 2).values()]
-    doomed = max(cluster.gpus, key=lambda node: hosts.count(node.node_id))
+    ingress = ingress_node()
+    # the node with the most Denoisers, one without the Ingress where that still removes one
+    doomed = max(cluster.gpus, key=lambda node: (hosts.count(node.node_id) > 0,
+                                                 node.node_id != ingress, hosts.count(node.node_id)))
     (survivor,) = [node for node in cluster.gpus if node is not doomed]
     with Traffic(service, clients=4) as traffic:
         wait_for(lambda: traffic.successes_since(0) >= 2, 120, "requests served before the removal")
@@ -223,6 +239,9 @@ def test_removing_a_gpu_node_mid_traffic_moves_its_denoisers_and_service_resumes
                  "requests served again after a GPU node was removed")
         reports = placements("Denoiser", 2, timeout_s=240)  # the lost replicas, started again
     assert {r["node_id"] for r in reports.values()} == {survivor.node_id}
-    statuses = [status for _, status, _ in traffic.outcomes]
+    statuses = [status for _, status, _, _ in traffic.outcomes]
     assert all(s == 200 or (isinstance(s, int) and s >= 500) for s in statuses), statuses  # answered
-    assert max(seconds for _, _, seconds in traffic.outcomes) < CLIENT_TIMEOUT_S
+    if doomed.node_id != ingress:  # the Ingress lived: a lost Denoiser's requests get 503 + Retry-After
+        failed = [(s, retry) for _, s, _, retry in traffic.outcomes if s != 200]
+        assert all(s == 503 and retry for s, retry in failed), failed
+    assert max(seconds for _, _, seconds, _ in traffic.outcomes) < CLIENT_TIMEOUT_S

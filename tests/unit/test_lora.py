@@ -193,12 +193,14 @@ def test_checkpoint_library_lists_files_and_folders(tmp_path):
     ("<lora:one> a dog <LORA:two:-1.5>", "a dog", [("one", 1.0), ("two", -1.5)]),
     ("no tags,  as  written", "no tags,  as  written", []),
     ("<lora: spaced name :.5>x", "x", [("spaced name", 0.5)]),
+    ("at the bound <lora:edge:-10>", "at the bound", [("edge", -10.0)]),
 ])
 def test_prompt_lora_tags_are_parsed_and_stripped(prompt, clean, loras):
     assert parse_prompt_loras(prompt) == (clean, loras)
 
 
-@pytest.mark.parametrize("prompt", ["<lora:x:heavy>", "<lora::1>", "<lora:x:1:0.5>", "<lora:x:nan>"])
+@pytest.mark.parametrize("prompt", ["<lora:x:heavy>", "<lora::1>", "<lora:x:1:0.5>", "<lora:x:nan>",
+                                    "<lora:x:1e30>", "<lora:x:-10.5>", "<lora:x:inf>"])
 def test_bad_prompt_lora_tags_name_the_prompt(prompt):
     with pytest.raises(InvalidRequestError) as caught:
         parse_prompt_loras(prompt)
