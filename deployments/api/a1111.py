@@ -96,23 +96,33 @@ def _sampler(body: Txt2ImgRequest) -> str:
     return sampler
 
 
+def field_names(body: Txt2ImgRequest) -> dict[str, str]:
+    """The request's own names for the neutral fields: where its model and cache came from."""
+    names = dict(NAMES)
+    overrides = body.override_settings or OverrideSettings()
+    if overrides.sd_model_checkpoint is None:
+        names["model"] = "sd_model_checkpoint"
+    if overrides.cache is not None:
+        names["cache"] = "override_settings.cache"
+    return names
+
+
 def to_generation(body: Txt2ImgRequest, models: ServedModels,
                   selected_model: str | None = None) -> Generation:
     """``selected_model``: the checkpoint chosen through ``/sdapi/v1/options`` (None: the default)."""
-    names = dict(NAMES)
     overrides = body.override_settings or OverrideSettings()
     model = overrides.sd_model_checkpoint
     if model is None:
-        model, names["model"] = selected_model, "sd_model_checkpoint"
+        model = selected_model
     cache = body.cache
     if overrides.cache is not None:
         if body.cache is not None:
             raise ApiError("cache", "give cache or override_settings.cache, not both")
-        cache, names["cache"] = overrides.cache, "override_settings.cache"
+        cache = overrides.cache
     with in_callers_terms({}):
         prompt, loras = parse_prompt_loras(body.prompt)
     return models.resolve(
-        names, prompt=prompt, negative_prompt=body.negative_prompt or None, model=model,
+        field_names(body), prompt=prompt, negative_prompt=body.negative_prompt or None, model=model,
         width=body.width, height=body.height, steps=body.steps, guidance_scale=body.cfg_scale,
         sampler=_sampler(body), seed=body.seed, count=body.batch_size * body.n_iter, cache=cache,
         loras=loras)
@@ -162,8 +172,9 @@ class A1111Api:
         job_id, job = next(self._job_ids), _Job(generation.steps, [0] * generation.count)
         self.jobs[job_id] = job
         try:
-            images = await self.serving.generate(
-                generation, on_step=lambda image, progress: job.done.__setitem__(image, progress.step))
+            with in_callers_terms(field_names(body)):  # a stage's refusal, in A1111's names
+                images = await self.serving.generate(generation, on_step=lambda image, progress:
+                                                     job.done.__setitem__(image, progress.step))
         finally:
             del self.jobs[job_id]
         return Txt2ImgResponse(images=[base64.b64encode(d.png).decode("ascii") for d in images],

@@ -29,6 +29,7 @@ from starlette.websockets import WebSocketClose
 
 from deployments.api.errors import error_response
 from deployments.api.keys import AuthSettings, KeyRing
+from deployments.api.protocol import ErrorBody
 from deployments.metrics import record_auth_failure
 
 Failure = Literal["missing", "malformed", "wrong"]
@@ -139,6 +140,19 @@ def open_paths(app: FastAPI) -> frozenset[str]:
     return frozenset({"/healthz", *(path for path in docs if path)})
 
 
+UNAUTHORIZED = {"description": "No API key, a wrong one, or malformed credentials (WWW-Authenticate "
+                               "says which schemes)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+
+
+def _declare_error_body(schemas: dict[str, Any]) -> None:
+    """The 401's body, where no route declared an error body of its own."""
+    body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in body.pop("$defs", {}).items():
+        schemas.setdefault(name, definition)
+    schemas.setdefault("ErrorBody", body)
+
+
 def document_security(app: FastAPI, open_paths: frozenset[str]) -> None:
     """Declares both schemes in ``/openapi.json``, so that clients generated from it send the
     key and ``/docs`` offers its Authorize button; open routes declare no security."""
@@ -151,10 +165,13 @@ def document_security(app: FastAPI, open_paths: frozenset[str]) -> None:
             "basic": {"type": "http", "scheme": "basic",
                       "description": "any user name; the API key as the password"}}
         schema["security"] = [{"bearer": []}, {"basic": []}]
+        _declare_error_body(schema["components"].setdefault("schemas", {}))
         for path, operations in schema.get("paths", {}).items():
-            if path in open_paths:
-                for operation in operations.values():
+            for operation in operations.values():
+                if path in open_paths:
                     operation["security"] = []
+                else:
+                    operation.setdefault("responses", {})["401"] = UNAUTHORIZED
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -122,11 +122,12 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
 
 
 async def _http(request: Request, error: HTTPException) -> JSONResponse:
-    # FastAPI's own refusals (unknown route, wrong method, body too large) in the same shape.
-    too_large = error.status_code == 413
-    return error_response(error.status_code, "body" if too_large else None, str(error.detail),
-                          "too_large" if too_large else f"http_{error.status_code}",
-                          dict(error.headers or {}))
+    # FastAPI's own refusals (unknown route, wrong method, a body it cannot parse or that is too
+    # large) in the same shape; the last two are about the body.
+    about_body = error.status_code in (400, 413)
+    code = {400: "invalid_body", 413: "too_large"}.get(error.status_code, f"http_{error.status_code}")
+    return error_response(error.status_code, "body" if about_body else None, str(error.detail),
+                          code, dict(error.headers or {}))
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int = DEFAULT_RETRY_AFTER_S) -> None:

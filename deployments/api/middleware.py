@@ -14,6 +14,7 @@ import uuid
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Match
@@ -136,8 +137,9 @@ def endpoint(scope: Scope, routes: list[BaseRoute]) -> str:
     """The route template a request matched (``/v1/generate``), never the raw path: bounded
     label values. A request answered before routing (401, 413, 503) is matched here."""
     route = scope.get("route")
-    if route is None:
-        route = next((r for r in routes if r.matches(scope)[0] is Match.FULL), None)
+    if route is None:  # included routers sit in ``routes`` as one entry: walk their routes
+        route = next((r for r in iter_route_contexts(routes) if r.matches(scope)[0] is Match.FULL),
+                     None)
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
 

@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
 from pipeline.samplers import DEFAULT_SAMPLER
 
-from deployments.api.errors import ApiError, error_body
+from deployments.api.errors import ApiError, error_body, internal_error_body
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
                                       SERVER_ERRORS, CacheRequest, GuidanceScale, ImageSide,
@@ -104,10 +104,9 @@ class NativeApi:
                 yield JSONServerSentEvent(error_body(error.status or 422, error.field, error.message,
                                                      error.code), event="error")
                 return
-            except Exception as error:  # noqa: BLE001 - the stream has begun: report, don't raise
+            except Exception:  # noqa: BLE001 - the stream has begun: report, don't raise
                 logger.exception("generation failed mid-stream")
-                yield JSONServerSentEvent(error_body(500, None, f"internal error: {type(error).__name__}",
-                                                     "internal_error"), event="error")
+                yield JSONServerSentEvent(internal_error_body(), event="error")
                 return
         for seed, decoded in zip(generation.seeds(), images):
             yield JSONServerSentEvent({"seed": seed, "png_base64": base64.b64encode(decoded.png).decode(),

@@ -120,6 +120,8 @@ class ErrorDetail(BaseModel):
     type: str = Field(description="invalid_request_error (4xx) or server_error (5xx)")
     param: str | None = Field(description="the request field at fault, in the caller's terms")
     code: str
+    request_id: str | None = Field(default=None, description=(
+        "the answer's x-request-id: the key to the server log, where a 5xx's details are"))
 
 
 class ErrorBody(BaseModel):

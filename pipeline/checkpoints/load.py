@@ -143,6 +143,11 @@ def _from_single_file(model_class: type[ModelMixin], component: str, config: dic
     except NotImplementedError:  # "Cannot copy out of meta tensor": a weight the file lacks
         raise ModelLoadError(f"{component}: weights missing from the file (the key conversion "
                              "left some of the module's weights unset)") from None
+    except ValueError as error:  # diffusers: "Cannot load because <key> expected shape ..."
+        if "expected shape" not in str(error):
+            raise
+        shape = str(error).split(" because ", 1)[-1].split(". ", 1)[0]
+        raise ModelLoadError(f"{component}: a weight of the wrong shape ({shape})") from None
 
 
 def _text_encoders(header: Header, family: Family, read: ReadTensors, scratch: Path,

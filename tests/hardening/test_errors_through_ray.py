@@ -56,8 +56,8 @@ def write_broken_loras(folder: Path, tiny, sdxl_root: Path) -> None:
 
 
 def write_broken_checkpoints(folder: Path) -> None:
-    """A checkpoint whose header is fine but a UNet weight is missing (only a replica's load
-    finds out), one without a VAE, random bytes, and a diffusers folder of pickled weights."""
+    """A checkpoint whose header is fine but a UNet weight is missing or of the wrong shape (only a
+    replica's load finds out), one without a VAE, random bytes, and a diffusers folder of pickled weights."""
     folder.mkdir()
     full = folder / "full.safetensors"
     save_checkpoint(MODEL_DIR, full)
@@ -68,6 +68,8 @@ def write_broken_checkpoints(folder: Path) -> None:
     dropped = "model.diffusion_model.middle_block.0.in_layers.0.weight"
     save_file({k: v for k, v in tensors.items() if k != dropped},
               folder / "weights-missing.safetensors", metadata=metadata)
+    save_file(tensors | {dropped: torch.ones(tensors[dropped].shape[0] + 3)},
+              folder / "wrong-shape.safetensors", metadata=metadata)
     save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")},
               folder / "no-vae.safetensors", metadata=metadata)
     (folder / "random-bytes.safetensors").write_bytes(bytes(range(256)) * 8)
@@ -189,7 +191,8 @@ DIALECTS = {  # how each refuses a bad value, and its names for the LoRA and mod
 }
 UNUSABLE_LORAS = {"loha": "LoHa", "sdxl_kohya": "sdxl_kohya", "garbage": "not a readable",
                   "pickled": "pickle"}
-UNUSABLE_CHECKPOINTS = {"weights-missing": "weights missing", "no-vae": "no VAE",
+UNUSABLE_CHECKPOINTS = {"weights-missing": "weights missing", "wrong-shape": "wrong shape",
+                        "no-vae": "no VAE",
                         "random-bytes": "random-bytes", "pickled-unet": "pickle"}
 
 

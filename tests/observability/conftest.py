@@ -40,8 +40,13 @@ class App:
         return scrape(self.metrics_url)
 
 
+# The app checks API keys but lets loopback through without one (``allow_loopback``): the
+# burst's requests need no key, and one request with a wrong key feeds raydiance_auth_failures.
+WRONG_KEY = {"Authorization": "Bearer not-a-configured-key-0123456789"}
+
+
 @pytest.fixture(scope="package")
-def app():
+def app(tmp_path_factory):
     import ray
     from ray import serve
 
@@ -53,7 +58,10 @@ def app():
     try:
         http_port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
-        deploy(build_app({"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu"}),
+        keys = tmp_path_factory.mktemp("auth") / "api_keys"
+        keys.write_text("observability-test-key-0123456789\n")
+        deploy(build_app({"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu",
+                          "auth": {"keys_file": str(keys), "allow_loopback": True}}),
                APP_NAME, timeout_s=240)
         url = f"http://127.0.0.1:{http_port}"
         wait_http(f"{url}/healthz", timeout_s=60)
@@ -116,6 +124,8 @@ def traffic(app, prometheus) -> Traffic:
     before = app.scrape()
     start = time.monotonic()
     result = Traffic(before=before, after=before)
+    # Before the burst: the Ingress exports it with (or before) the burst's last count.
+    assert app.client.get("/v1/models", headers=WRONG_KEY).status_code == 401
     with ThreadPoolExecutor(max_workers=2) as pool:
         for burst in BURSTS:
             responses = list(pool.map(lambda item: app.client.post(GENERATE, json=item[0]), burst))

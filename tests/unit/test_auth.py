@@ -190,6 +190,9 @@ def test_the_schema_declares_both_schemes_and_the_open_routes(keys_file):
     assert schema["security"] == [{"bearer": []}, {"basic": []}]
     assert schema["paths"]["/healthz"]["get"]["security"] == []
     assert "security" not in schema["paths"]["/v1/models"]["get"]
+    assert "401" in schema["paths"]["/v1/generate"]["post"]["responses"]
+    assert "401" not in schema["paths"]["/healthz"]["get"]["responses"]
+    assert "ErrorBody" in schema["components"]["schemas"]
     assert "security" not in fetch(make_app(None), "GET", "/openapi.json").json()
 
 
