@@ -60,8 +60,14 @@ class DenoiseEngine:
         ``on_step(done, total)`` hears of every step. A LoRA set that cannot be loaded fails
         here, before the request joins any step."""
         loop = asyncio.get_running_loop()
-        await self._adapters.prepare(model, adapters)
-        trajectory = await loop.run_in_executor(self._executor, Trajectory, model, conditioning, params)
+        try:
+            await self._adapters.prepare(model, adapters)
+            trajectory = await loop.run_in_executor(self._executor, Trajectory, model,
+                                                    conditioning, params)
+        except asyncio.CancelledError:  # the caller left before the request joined a step
+            self.cancelled += 1
+            self.observer.on_cancelled(model.name)
+            raise
         request = ActiveRequest.admit(model, trajectory, adapters, loop.create_future(), on_step)
         self._trajectories[request.id] = trajectory
         self.active.append(request)
