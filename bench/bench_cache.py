@@ -38,7 +38,7 @@ from tqdm import tqdm
 from bench.report import Repeated, markdown_table, medians, parse_args, pyplot, spreads
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.conditioning import Conditioning, encode_prompts
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams, Trajectory
 from pipeline.engine.runner import run_step
 from pipeline.loading import load_model

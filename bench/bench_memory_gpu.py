@@ -49,7 +49,7 @@ from bench.bench_engine import random_conditioning
 from bench.full_size import FAMILIES, ensure_file, ensure_folder, random_model
 from bench.report import Repeated, checked, markdown_table, medians, parse_args, pyplot, ratio, spreads
 from pipeline.conditioning import Conditioning, encode_prompts
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine import DenoiseEngine, EngineResult

@@ -11,6 +11,7 @@ from typing import Any
 from ray import serve
 
 from deployments.api.ingress import Ingress, IngressSettings
+from deployments.api.model_aliases import checked_aliases
 from deployments.denoiser import Denoiser
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, StageSettings, resolve_model_path
@@ -65,7 +66,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     text_encoder = place(TextEncoder).bind(stage, parsed.text_encoder)
     denoiser = place(Denoiser).bind(stage, parsed.denoiser)
     vae_decoder = place(VAEDecoder).bind(stage, parsed.vae_decoder)
+    aliases = checked_aliases(parsed.model_aliases, stage.catalog().names(), stage.default_model)
     settings = IngressSettings(stage=stage, limits=parsed.limits,
                                request_timeout_s=parsed.request_timeout_s, auth=parsed.auth,
-                               cors=parsed.cors, backpressure=parsed.backpressure)
+                               cors=parsed.cors, backpressure=parsed.backpressure,
+                               model_aliases=aliases)
     return place(Ingress).bind(text_encoder, denoiser, vae_decoder, settings)

@@ -24,6 +24,7 @@ from ray import serve
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.engine.request import OnStep
+from pipeline.init_image import InitImage
 
 from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
@@ -41,16 +42,18 @@ class Denoiser(StageReplica):
                                     read_adapters=self.store.read_loras)
         await self.store.start()
 
-    async def denoise(self, encoded: Encoded, params: DenoiseParams) -> Denoised:
-        return await self._denoise(encoded, params)
+    async def denoise(self, encoded: Encoded, params: DenoiseParams,
+                      init: InitImage | None = None) -> Denoised:
+        """From noise, or from ``init`` (the VAE stage's encoding of an init image)."""
+        return await self._denoise(encoded, params, init)
 
-    async def denoise_stream(self, encoded: Encoded, params: DenoiseParams
-                             ) -> AsyncIterator[StepProgress | Denoised]:
+    async def denoise_stream(self, encoded: Encoded, params: DenoiseParams,
+                             init: InitImage | None = None) -> AsyncIterator[StepProgress | Denoised]:
         """``denoise`` for a caller that shows progress (``handle.options(stream=True)``): yields
         a ``StepProgress`` after every step, then the ``Denoised`` with its latents by reference.
         Closing the stream (the caller went away) drops the request before its next step."""
         def work(report: Report[StepProgress]) -> Awaitable[Denoised]:
-            return self._denoise(encoded, params,
+            return self._denoise(encoded, params, init,
                                  on_step=lambda done, total: report(StepProgress(done, total)))
 
         async with ReportingTask(work) as task:
@@ -59,11 +62,11 @@ class Denoiser(StageReplica):
             denoised = task.result()
         yield dataclasses.replace(denoised, latents=ray.put(denoised.latents))
 
-    async def _denoise(self, encoded: Encoded, params: DenoiseParams,
+    async def _denoise(self, encoded: Encoded, params: DenoiseParams, init: InitImage | None,
                        on_step: OnStep | None = None) -> Denoised:
         model = await self.get_model(encoded.model)
         result = await self.engine.submit(model, encoded.conditioning, params,
-                                          adapters=encoded.loras, on_step=on_step)
+                                          adapters=encoded.loras, on_step=on_step, init=init)
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,

@@ -5,7 +5,7 @@ Kept apart from ``app.py`` so that replicas import the settings without importin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -15,7 +15,7 @@ from pipeline.library import ModelCatalog
 from deployments.api.admission import BackpressureSettings
 from deployments.api.auth import CorsSettings
 from deployments.api.keys import AuthSettings
-from deployments.api.protocol import ImageCount, ImageSide, Steps
+from deployments.api.protocol import MAX_SIDE, ImageCount, ImageSide, Name, Steps
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,13 @@ STAGES = ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder")
 class _Strict(BaseModel):
     # A typo in serve_config.yaml should fail the deploy, not be silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+
+InputPixels = Annotated[int, Field(ge=64 * 64, le=MAX_SIDE * MAX_SIDE, description=(
+    "pixels (width x height) of an image a request sends; at most 8192x8192, below Pillow's "
+    "decompression-bomb threshold"))]
+InputBytes = Annotated[int, Field(ge=1024, le=1 << 30, description="bytes of one image a request "
+                                  "sends, decoded from base64")]
 
 
 class Limits(_Strict):
@@ -41,6 +48,10 @@ class Limits(_Strict):
     max_steps: Steps = 100
     max_images: ImageCount = 4
     max_prompt_chars: PositiveInt = 2000
+    # Images callers send (init images, masks, images to upscale or read), each; checked in
+    # ``deployments.api.image_input``. The pixel bound is also the largest upscale answered.
+    max_input_pixels: InputPixels = 2048 * 2048
+    max_input_bytes: InputBytes = 16 << 20
 
 
 class BatchSettable(Protocol):
@@ -122,6 +133,9 @@ class AppArgs(_Strict):
     checkpoints_dir: str | None = None
     loras_dir: str | None = None
     default_model: str | None = None
+    # Other names a request may give a served model (alias: model). Absent: OpenAI's image model
+    # names (dall-e-2, dall-e-3, gpt-image-1) name default_model, as OpenAI clients send them.
+    model_aliases: dict[Name, Name] | None = None
     # Models each stage replica keeps loaded (Ray Serve model multiplexing routes a request to a
     # replica holding its model; the least recently used is dropped beyond this), and LoRAs
     # each model keeps loaded as adapters.

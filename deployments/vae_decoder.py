@@ -1,4 +1,10 @@
-"""VAEDecoder: latents to PNG bytes, many requests per VAE forward (@serve.batch).
+"""VAEDecoder: the VAE stage. Latents to PNG bytes, and init images to latents, many requests
+per VAE forward (@serve.batch).
+
+One deployment for both directions: it holds the VAE, and a VAEEncoder beside it would hold a
+second copy on the same small card for a forward that runs once per image-to-image request.
+An init image is encoded once per request (``encode``, an ``InitImage`` shared by its seeds);
+``decode`` then pastes inpainted pixels into the original through the mask.
 
 What arrives is a ``Denoised``: straight from the Denoiser when the Ingress chained the calls
 (``decode.remote(denoise.remote(...))``: Ray hands the Denoiser's result to this replica), or,
@@ -16,9 +22,11 @@ import time
 import torch
 from ray import ObjectRef, serve
 
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.images import encode_png
+from pipeline.init_image import InitImage, SourceImage, encode_init_images
 from pipeline.model import DiffusionModel
+from pipeline.upscale import upscale_for_second_pass
 
 from deployments import metrics
 from deployments.batching import raise_if_error, run_grouped
@@ -30,7 +38,9 @@ FETCH_LATENTS_TIMEOUT_S = 60.0
 """How long a referenced latent tensor may take to arrive: it exists once the reference does, so
 only a lost Denoiser node or a stuck object store takes this long, and the request then fails."""
 
-DecodeItem = tuple[Denoised, "str | None", DiffusionModel]  # latents at hand, PNG text, the model
+DecodeItem = tuple[Denoised, "str | None", "InitImage | None", DiffusionModel]
+"""Latents at hand, PNG text, the init image to paste into (inpainting), the model."""
+EncodeItem = tuple[SourceImage, DiffusionModel]
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
@@ -38,15 +48,33 @@ class VAEDecoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
         super().__init__(settings, components=("vae",))
         knobs.apply_to(self._decode_batch)
+        knobs.apply_to(self._encode_batch)
         await self.store.start()
 
-    async def decode(self, denoised: Denoised, png_parameters: str | None = None) -> Decoded:
+    async def decode(self, denoised: Denoised, png_parameters: str | None = None,
+                     init: InitImage | None = None) -> Decoded:
         start = time.perf_counter()
         denoised = await self._fetched(denoised)
         model = await self.get_model(denoised.model)
-        result = raise_if_error(await self._decode_batch((denoised, png_parameters, model)))
+        result = raise_if_error(await self._decode_batch((denoised, png_parameters, init, model)))
         metrics.record_stage("decode", denoised.model, time.perf_counter() - start)
         metrics.inc("raydiance_images", model=denoised.model)
+        return result
+
+    async def upscale(self, denoised: Denoised, width: int, height: int, upscaler: str) -> InitImage:
+        """The hires fix's middle: a first pass's latents brought to ``width`` x ``height`` by
+        ``upscaler`` (in latent space, or decoded, resized and encoded again)."""
+        denoised = await self._fetched(denoised)
+        model = await self.get_model(denoised.model)
+        return await self.worker.run(upscale_for_second_pass, model, denoised.latents, width,
+                                     height, upscaler)
+
+    async def encode(self, source: SourceImage) -> InitImage:
+        """An init image (and its mask) as the latents its denoising starts from."""
+        start = time.perf_counter()
+        model = await self.get_model(source.model)
+        result = raise_if_error(await self._encode_batch((source, model)))
+        metrics.record_stage("encode_image", source.model, time.perf_counter() - start)
         return result
 
     @staticmethod
@@ -64,15 +92,22 @@ class VAEDecoder(StageReplica):
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _decode_batch(self, items: list[DecodeItem]) -> list[Decoded | Exception]:
         return await self.worker.run(
-            run_grouped, items, lambda item: (id(item[2]), tuple(item[0].latents.shape)),
+            run_grouped, items, lambda item: (id(item[3]), tuple(item[0].latents.shape)),
             self._decode_group)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _encode_batch(self, items: list[EncodeItem]) -> list[InitImage | Exception]:
+        return await self.worker.run(
+            run_grouped, items, lambda item: (id(item[1]), item[0].pixels.shape),
+            lambda group: encode_init_images(group[0][1], [source for source, _ in group]))
 
     @staticmethod
     def _decode_group(items: list[DecodeItem]) -> list[Decoded]:
         """One VAE forward for requests of one model and latent shape, on the torch thread."""
         start = time.perf_counter()
-        pixels = decode_latents(items[0][2], torch.cat([denoised.latents for denoised, _, _ in items]))
-        pngs = [encode_png(image, parameters) for image, (_, parameters, _) in zip(pixels, items)]
+        pixels = decode_latents(items[0][3], torch.cat([item[0].latents for item in items]))
+        pngs = [encode_png(image if init is None else init.overlay(image), parameters)
+                for image, (_, parameters, init, _) in zip(pixels, items)]
         ms = (time.perf_counter() - start) * 1000
-        return [Decoded(png, {**denoised.timings, "decode": ms}, denoised.steps_computed,
-                        denoised.steps_cached) for png, (denoised, _, _) in zip(pngs, items)]
+        return [Decoded(png, {**item[0].timings, "decode": ms}, item[0].steps_computed,
+                        item[0].steps_cached) for png, item in zip(pngs, items)]

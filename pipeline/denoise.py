@@ -20,8 +20,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pipeline.conditioning import Conditioning
 from pipeline.errors import InvalidRequestError
+from pipeline.init_image import InitImage, inpainting_conditioning
 from pipeline.model import DiffusionModel
-from pipeline.samplers import DEFAULT_SAMPLER, make_scheduler
+from pipeline.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, make_sampler
 from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.unet.first_block_cache import FirstBlockCache
 from pipeline.unet.forward import ConditionRows, UNetRows
@@ -37,7 +38,9 @@ class DenoiseParams:
     guidance_scale: float = 5.0
     seed: int = 0
     sampler: str = DEFAULT_SAMPLER
+    schedule: str = DEFAULT_SCHEDULE  # A1111's scheduler: Karras, Exponential... (pipeline.samplers)
     cache: FirstBlockCacheConfig | None = None  # First Block Cache; None: off (the API fills family defaults)
+    strength: float = 1.0  # with an init image: the fraction of the schedule run (1: all of it)
 
 
 def _initial_latents(model: DiffusionModel, params: DenoiseParams,
@@ -109,25 +112,57 @@ class FiniteWatch:
 class Trajectory:
     """One request's denoising, advanced one step at a time by whoever runs the UNet."""
 
-    def __init__(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams) -> None:
+    def __init__(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams,
+                 init: InitImage | None = None) -> None:
         if params.steps < 1:
             raise InvalidRequestError("steps", "must be at least 1")
         self.model = model  # held: a model evicted from its store meanwhile stays usable
         self.params = params
         unet = model.unet
         generator = torch.Generator("cpu").manual_seed(params.seed)  # this request's alone
-        self.sampler = make_scheduler(params.sampler, model.scheduler_config)
-        self.sampler.set_timesteps(params.steps, device=unet.device)
+        self.sampler = make_sampler(params.sampler, params.schedule, model.scheduler_config,
+                                    params.steps, unet.device, model.family, seed=params.seed)
         self.timesteps = self.sampler.timesteps
-        self.latents = _initial_latents(model, params, generator) * self.sampler.init_noise_sigma
+        self.init = init
+        self.noise = _initial_latents(model, params, generator)
+        self.latents = self._start()
         self.guided = params.guidance_scale > 1.0
         self.condition = ConditionRows.build(unet, conditioning, self.guided, (params.height, params.width))
         self._step_kwargs = _step_kwargs(self.sampler, generator)
+        self._extra = inpainting_conditioning(init, self.latents) if model.is_inpainting else None
         self.step_index = 0
         self.cache = FirstBlockCache(params.cache).new_state(len(self.timesteps)) if params.cache else None
         self.diverged_at: int | None = None  # the step after which the latents were not finite
         self.final: torch.Tensor | None = None  # the finished latents, on the CPU
         self._finite = FiniteWatch()
+        if self.done:  # an init image at strength 0: nothing to denoise
+            self._finish()
+
+    def _start(self) -> torch.Tensor:
+        """The first latents. From noise; or, from an init image, as diffusers' img2img
+        pipelines do: the schedule's first ``steps * (1 - strength)`` steps dropped and the
+        image noised to where the rest begins, with this request's own noise."""
+        if self.init is None:
+            return self.noise * self.sampler.init_noise_sigma
+        steps, order = self.params.steps, self.sampler.order
+        skipped = steps - min(int(steps * self.params.strength), steps)
+        self.timesteps = self.timesteps[skipped * order:]
+        if hasattr(self.sampler, "set_begin_index"):
+            self.sampler.set_begin_index(skipped * order)
+        latents = self.init.start_latents(self.noise)
+        if not len(self.timesteps):
+            return latents
+        return self.sampler.add_noise(latents, self.noise, self.timesteps[:1])
+
+    def _keep_unmasked(self) -> None:
+        """Inpainting: outside the mask the latents are the init image's, noised to the next
+        step's level (diffusers' inpainting pipeline with a 4-channel UNet)."""
+        mask = self.init.mask.to(self.latents.device, self.latents.dtype)
+        original = self.init.latents.to(self.latents.device, self.latents.dtype)
+        if not self.done:
+            original = self.sampler.add_noise(original, self.noise,
+                                              self.timesteps[self.step_index:self.step_index + 1])
+        self.latents = original * (1 - mask) + self.latents * mask
 
     @property
     def rows(self) -> int:
@@ -145,6 +180,8 @@ class Trajectory:
     def unet_rows(self) -> UNetRows:
         t = self.timesteps[self.step_index]
         sample = self.sampler.scale_model_input(torch.cat([self.latents] * self.rows), t)
+        if self._extra is not None:  # an inpainting UNet: mask and masked image beside
+            sample = torch.cat([sample, self._extra.expand(self.rows, -1, -1, -1)], dim=1)
         return UNetRows(sample, t.expand(self.rows), self.condition)
 
     def advance(self, noise_pred: torch.Tensor) -> None:
@@ -159,6 +196,8 @@ class Trajectory:
         self.latents = self.sampler.step(noise_pred, t, self.latents, **self._step_kwargs,
                                          return_dict=False)[0]
         self.step_index += 1
+        if self.init is not None and self.init.mask is not None and self._extra is None:
+            self._keep_unmasked()  # an inpainting UNet keeps them itself
         if self.cache is not None and self.cache.step_index != self.step_index:
             raise RuntimeError(f"cache state at step {self.cache.step_index}, request at {self.step_index}")
         found = self._finish() if self.done else self._finite.watch(self.latents, self.step_index)

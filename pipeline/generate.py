@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from pipeline.conditioning import encode_prompts
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineResult
+from pipeline.init_image import SourceImage, encode_init_images
 from pipeline.model import DiffusionModel
 
 
@@ -25,26 +27,36 @@ class Generated:
 
 def generate_batch(model: DiffusionModel, prompts: list[str], params: list[DenoiseParams],
                    negative_prompts: list[str | None] | None = None,
-                   max_batch_rows: int = 64) -> list[Generated]:
+                   max_batch_rows: int = 64,
+                   sources: Sequence[SourceImage | None] | None = None) -> list[Generated]:
     """Generate one image per prompt, sharing UNet forwards among them.
 
     Denoising runs on a ``DenoiseEngine`` of its own, as in a Denoiser replica: each image keeps
     its own sampler, generator and cache state (``DenoiseParams.cache``), so its result does
-    not depend on which others it was batched with. Call it where no event loop runs.
+    not depend on which others it was batched with. ``sources``: per image, the image it starts
+    from (image to image, inpainting; ``DenoiseParams.strength``), or None. Call it where no
+    event loop runs.
     """
     negatives = negative_prompts or [None] * len(prompts)
     conditionings = encode_prompts(model, prompts, negatives)
+    inits = [None if source is None else encode_init_images(model, [source])[0]
+             for source in (sources or [None] * len(prompts))]
 
     async def denoise_all() -> list[EngineResult]:
         engine = DenoiseEngine(max_batch_rows=max_batch_rows)
         try:
-            return await asyncio.gather(*(engine.submit(model, c, p) for c, p in zip(conditionings, params)))
+            return await asyncio.gather(*(engine.submit(model, c, p, init=init)
+                                          for c, p, init in zip(conditionings, params, inits)))
         finally:
             await engine.close()
 
-    return [Generated(decode_latents(model, result.latents)[0], result.latents, p,
-                      result.steps_computed, result.steps_cached)
-            for p, result in zip(params, asyncio.run(denoise_all()))]
+    generated = []
+    for p, init, result in zip(params, inits, asyncio.run(denoise_all())):
+        pixels = decode_latents(model, result.latents)[0]
+        pixels = pixels if init is None else init.overlay(pixels)
+        generated.append(Generated(pixels, result.latents, p, result.steps_computed,
+                                   result.steps_cached))
+    return generated
 
 
 def generate(model: DiffusionModel, prompt: str, params: DenoiseParams,

@@ -152,7 +152,14 @@ class DiffusionModel:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.configs.unet["in_channels"])
+        """Channels of the latents (the UNet's output): 4 for SD1.5 and SDXL."""
+        return int(self.configs.unet["out_channels"])
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet (9 input channels): it also takes the mask and the masked image's
+        latents beside the noisy latents."""
+        return int(self.configs.unet["in_channels"]) == self.latent_channels + 5
 
 
 def text_encoder_parts(family: Family) -> tuple[tuple[str, str], ...]:

@@ -71,13 +71,15 @@ def build_random_sdxl(folder: Path, *, seed: int = 0, latent_size: int = 32,
 
 
 def build_random_sd15(folder: Path, *, seed: int = 0, latent_size: int = 32,
-                      channels: tuple[int, ...] = (32, 64, 64, 64)) -> Path:
-    """An SD1.5-architecture model: three cross-attention down blocks and a plain one, tiny widths."""
+                      channels: tuple[int, ...] = (32, 64, 64, 64), inpainting: bool = False) -> Path:
+    """An SD1.5-architecture model: three cross-attention down blocks and a plain one, tiny widths
+    (``inpainting``: a 9-input-channel UNet, as SD1.5's inpainting models have)."""
     torch.manual_seed(seed)
     tokenizer = save_tokenizer(WORDS, folder / "tokenizer")
     hidden = 64
     unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=channels,
+        sample_size=latent_size, in_channels=9 if inpainting else 4, out_channels=4,
+        block_out_channels=channels,
         layers_per_block=2, norm_num_groups=8, cross_attention_dim=hidden, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

@@ -11,18 +11,34 @@ Looking a model or LoRA up stats files and may read a checkpoint's header: the d
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import InvalidRequestError
+from pipeline.init_image import SourceImage
 from pipeline.library import LoraLibrary, ModelCatalog, ModelInfo
 from pipeline.lora import LoraSet, normalize_loras
-from pipeline.samplers import DEFAULT_SAMPLER, canonical_sampler_name
+from pipeline.samplers import DEFAULT_SCHEDULE, resolve_sampler
 from pipeline.seeds import MAX_SEED, resolve_seed
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 
 from deployments.api.errors import ApiError, in_callers_terms
 from deployments.api.protocol import MAX_LORAS, CacheRequest
 from deployments.settings import Limits
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: after the first pass, upscale to ``width`` x ``height`` and redraw
+    ``strength`` of it in a second pass of ``steps`` steps with ``sampler``."""
+
+    width: int
+    height: int
+    upscaler: str
+    steps: int
+    strength: float
+    sampler: str
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,11 @@ class Generation:
     count: int
     cache: FirstBlockCacheConfig
     loras: LoraSet = ()
+    scheduler: str = DEFAULT_SCHEDULE  # the schedule, as A1111 labels it: Karras, Exponential...
+    # image to image: the image it starts from (sized to the request) and how much is redrawn
+    source: SourceImage | None = dataclasses.field(default=None, compare=False, repr=False)
+    strength: float = 1.0
+    hires: HiresFix | None = None  # a second pass at a larger size (txt2img only)
 
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.count)]
@@ -51,8 +72,13 @@ class Generation:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        lines.append(f"Steps: {self.steps}, Sampler: {self.sampler}, CFG scale: {self.guidance_scale:g}, "
-                     f"Seed: {seed}, Size: {self.width}x{self.height}, Model: {self.model}")
+        lines.append(f"Steps: {self.steps}, Sampler: {self.sampler}, Schedule type: {self.scheduler}, "
+                     f"CFG scale: {self.guidance_scale:g}, Seed: {seed}, Size: {self.width}x{self.height}, "
+                     f"Model: {self.model}"
+                     + (f", Denoising strength: {self.strength:g}" if self.source else "")
+                     + (f", Hires upscale: {self.hires.width}x{self.hires.height}, Hires "
+                        f"upscaler: {self.hires.upscaler}, Hires steps: {self.hires.steps}, "
+                        f"Denoising strength: {self.hires.strength:g}" if self.hires else ""))
         return "\n".join(lines)
 
 
@@ -60,13 +86,27 @@ class ServedModels:
     """What this server serves and allows: its models, its LoRAs and its limits."""
 
     def __init__(self, catalog: ModelCatalog, default_model: str, limits: Limits,
-                 loras: LoraLibrary | None) -> None:
+                 loras: LoraLibrary | None, aliases: Mapping[str, str] | None = None) -> None:
         self.catalog, self.default_model, self.limits, self.loras = catalog, default_model, limits, loras
+        self.aliases = dict(aliases or {})  # checked at deploy (``model_aliases``)
+
+    def model_name(self, name: str) -> str:
+        """The served model ``name`` means: an alias's model, unless a model of that name has
+        since been copied into the checkpoints folder (the model wins)."""
+        target = self.aliases.get(name)
+        if target is None:
+            return name
+        try:
+            self.catalog.path(name)
+            return name
+        except InvalidRequestError:  # NotFoundError, or a name no file could have
+            return target
 
     def describe(self, name: str, field: str = "model") -> ModelInfo:
-        """A served model's metadata; 404 naming ``field`` for a name that is not served."""
+        """A served model's metadata (an alias's model's); 404 naming ``field`` for a name that
+        is not served."""
         with in_callers_terms({"model": field}):
-            return self.catalog.describe(name)
+            return self.catalog.describe(self.model_name(name))
 
     def lora_names(self) -> list[str]:
         return self.loras.names() if self.loras is not None else []
@@ -80,21 +120,24 @@ class ServedModels:
     def resolve(self, names: Mapping[str, str], *, prompt: str, negative_prompt: str | None,
                 model: str | None, width: int | None, height: int | None, steps: int,
                 guidance_scale: float, sampler: str | None, seed: int | None, count: int,
-                cache: CacheRequest | None, loras: Sequence[tuple[str, float]]) -> Generation:
+                cache: CacheRequest | None, loras: Sequence[tuple[str, float]],
+                scheduler: str | None = None) -> Generation:
         """The ``Generation`` a dialect's fields ask for; ``names`` maps the neutral field names
         (``count``, ``cache``...) to the dialect's, for the errors. The fields' fixed bounds were
-        checked with the body (``deployments.api.protocol``)."""
+        checked with the body (``deployments.api.protocol``). ``scheduler`` is the schedule
+        (absent: Automatic); ``sampler`` may be an older combined name (``DPM++ 2M Karras``)."""
         with in_callers_terms(names):
-            info = self.catalog.describe(model or self.default_model)
+            info = self.catalog.describe(self.model_name(model or self.default_model))
             width = info.native_size if width is None else width  # 0 is no size: ImageSide refuses it
             height = info.native_size if height is None else height
             _check_limits(self.limits, width=width, height=height, steps=steps, count=count,
                           prompt=prompt, negative_prompt=negative_prompt or "")
             overrides = cache.overrides() if cache is not None else None
+            sampler, scheduler = resolve_sampler(sampler, scheduler, info.family)
             return Generation(
                 prompt=prompt, negative_prompt=negative_prompt, model=info.name, width=width,
                 height=height, steps=steps, guidance_scale=float(guidance_scale),
-                sampler=canonical_sampler_name(sampler or DEFAULT_SAMPLER), seed=resolve_seed(seed),
+                sampler=sampler, scheduler=scheduler, seed=resolve_seed(seed),
                 count=count, cache=default_cache_config(info.family).with_overrides(overrides),
                 loras=self._checked_loras(loras))
 

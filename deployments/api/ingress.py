@@ -14,7 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from pipeline.library import LoraLibrary
 
-from deployments.api import a1111, native, openai
+from deployments.api import a1111, a1111_tools, native, openai
 from deployments.api.admission import BackpressureSettings
 from deployments.api.auth import CorsSettings, install_access_control
 from deployments.api.errors import install_error_handlers
@@ -24,7 +24,13 @@ from deployments.api.middleware import install_guards, install_middleware
 from deployments.api.serving import Serving, Stages
 from deployments.settings import Limits, StageSettings
 
-MAX_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
+TEXT_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
+
+
+def max_body_bytes(limits: Limits) -> int:
+    """The body limit, on the bytes received: the text, and room for an init image and a mask
+    of ``max_input_bytes`` each, in base64 (4/3 of their size) or as multipart files."""
+    return TEXT_BODY_BYTES + 2 * (limits.max_input_bytes * 4 // 3 + 4)
 
 
 class IngressSettings(BaseModel):
@@ -34,6 +40,7 @@ class IngressSettings(BaseModel):
     auth: AuthSettings | None = None
     cors: CorsSettings = CorsSettings()
     backpressure: BackpressureSettings = BackpressureSettings()
+    model_aliases: dict[str, str] = {}  # alias -> served model (checked by the app builder)
 
 
 def build_api(serving: Serving, models: ServedModels, settings: IngressSettings) -> FastAPI:
@@ -43,13 +50,14 @@ def build_api(serving: Serving, models: ServedModels, settings: IngressSettings)
     key check, admission (backpressure), the body limit, then FastAPI's own error handlers."""
     app = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
                   version="0.1.0")
-    for router in (native.router, openai.router, a1111.router):
+    for router in (native.router, openai.router, a1111.router, a1111_tools.router):
         app.include_router(router)
     app.state.native = native.NativeApi(serving, models)
     app.state.openai = openai.OpenAIApi(serving, models)
     app.state.a1111 = a1111.A1111Api(serving, models)
+    app.state.a1111_tools = a1111_tools.A1111Tools(models)
     install_error_handlers(app, settings.backpressure.retry_after_s)
-    install_guards(app, MAX_BODY_BYTES, settings.backpressure)
+    install_guards(app, max_body_bytes(settings.limits), settings.backpressure)
     install_access_control(app, settings.auth, settings.cors)
     install_middleware(app)
     return app
@@ -65,7 +73,8 @@ class Ingress:
         stage = settings.stage
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
         self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
-                                   LoraLibrary(stage.loras_dir) if stage.loras_dir else None)
+                                   LoraLibrary(stage.loras_dir) if stage.loras_dir else None,
+                                   settings.model_aliases)
         self.settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -18,10 +18,14 @@ from pipeline.samplers import DEFAULT_SAMPLER
 
 from deployments.api.errors import ApiError, error_body, internal_error_body
 from deployments.api.generation import Generation, ServedModels
+from deployments.api.image_input import decode_image, decode_mask
+from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
 from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
-                                      SERVER_ERRORS, CacheRequest, GuidanceScale, ImageSide,
-                                      LoraRequest, Name, Seed, Steps, Text, lora_pairs)
+                                      SERVER_ERRORS, CacheRequest, FillIndex, GuidanceScale,
+                                      ImageData, ImageSide, LoraRequest, MaskBlur, Name,
+                                      ResizeMode, Seed, Steps, Strength, Text, lora_pairs)
 from deployments.api.serving import Serving
+from deployments.settings import Limits
 from deployments.messages import Decoded
 from deployments.reporting import ReportingTask
 
@@ -42,16 +46,43 @@ class GenerateRequest(BaseModel):
     guidance_scale: GuidanceScale = DEFAULT_GUIDANCE_SCALE
     seed: Seed | None = None
     sampler: Name = DEFAULT_SAMPLER
+    scheduler: Name | None = None  # the schedule, as A1111 names it (Karras...); absent: Automatic
     model: Name | None = None
     cache: CacheRequest | None = None
     loras: list[LoraRequest] = Field(default_factory=list)
+    # image to image: absent width and height then take the init image's own size
+    init_image: ImageData | None = None
+    strength: Strength = 0.75
+    mask: ImageData | None = None  # inpainting: white (after inversion) is redrawn
+    mask_blur: MaskBlur = 4
+    inpainting_mask_invert: bool = False
+    inpainting_fill: FillIndex = 1
+    resize_mode: ResizeMode = 0
 
 
 def to_generation(body: GenerateRequest, models: ServedModels) -> Generation:
-    return models.resolve(
+    init = _init_request(body, models.limits)
+    width, height = body.width, body.height
+    if init is not None:
+        own_width, own_height = image_size(init.image)
+        width, height = width or own_width, height or own_height
+    generation = models.resolve(
         {}, prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
-        width=body.width, height=body.height, steps=body.steps, guidance_scale=body.guidance_scale,
-        sampler=body.sampler, seed=body.seed, count=1, cache=body.cache, loras=lora_pairs(body.loras))
+        width=width, height=height, steps=body.steps, guidance_scale=body.guidance_scale,
+        sampler=body.sampler, scheduler=body.scheduler, seed=body.seed, count=1, cache=body.cache,
+        loras=lora_pairs(body.loras))
+    return generation if init is None else with_init(generation, init)
+
+
+def _init_request(body: GenerateRequest, limits: Limits) -> InitRequest | None:
+    if body.init_image is None:
+        if body.mask is not None:
+            raise ApiError("mask", "inpainting needs an init_image")
+        return None
+    mask = None if body.mask is None else decode_mask(body.mask, "mask", limits)
+    return InitRequest(decode_image(body.init_image, "init_image", limits), body.strength, mask,
+                       body.resize_mode, body.mask_blur, body.inpainting_mask_invert,
+                       FILLS[body.inpainting_fill])
 
 
 def step_headers(images: list[Decoded]) -> dict[str, str]:
@@ -67,6 +98,7 @@ def _image_headers(generation: Generation, decoded: Decoded, total_ms: float) ->
         "x-raydiance-seed": str(generation.seed), "x-raydiance-model": generation.model,
         "x-raydiance-width": str(generation.width), "x-raydiance-height": str(generation.height),
         "x-raydiance-steps": str(generation.steps), "x-raydiance-sampler": generation.sampler,
+        "x-raydiance-scheduler": generation.scheduler,
         "x-raydiance-guidance-scale": f"{generation.guidance_scale:g}",
         "server-timing": ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items()),
         **{f"x-raydiance-{k}-ms": f"{v:.1f}" for k, v in timings.items()},
@@ -119,6 +151,10 @@ class NativeApi:
         data = [{"id": info.name, "object": "model", "created": 0, "owned_by": "raydiance",
                  "family": info.family, "native_size": info.native_size,
                  "default": info.name == self.models.default_model} for info in infos]
+        served = {entry["id"]: entry for entry in data}
+        data += [{**served[target], "id": alias, "default": False, "alias_of": target}
+                 for alias, target in self.models.aliases.items()
+                 if target in served and alias not in served]
         return {"object": "list", "data": data}
 
     async def list_loras(self) -> dict[str, Any]:

@@ -1,6 +1,13 @@
-"""The OpenAI Images API: ``POST /v1/images/generations``, as the official client and Open WebUI
-call it. ``n`` images of one prompt, as base64 PNGs; a bad value is a 400 naming the field, which
-the client raises as ``BadRequestError``."""
+"""The OpenAI Images API: ``POST /v1/images/generations``, ``/v1/images/edits`` and
+``/v1/images/variations``, as the official client and Open WebUI call them. ``n`` images, as
+base64 PNGs; a bad value is a 400 naming the field, which the client raises as
+``BadRequestError``.
+
+Edits and variations come as multipart forms (files ``image`` or ``image[]`` and ``mask``) and
+are image to image on the same pipeline: an edit with a mask (or an image with transparent
+pixels) redraws the transparent area (inpainting, strength 1); an edit without one redraws the
+whole image at ``strength`` (default 0.75); a variation is an edit with an empty prompt at
+strength 0.6. Form fields are validated by the same model as the JSON body."""
 from __future__ import annotations
 
 import asyncio
@@ -10,16 +17,21 @@ import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
+from starlette.datastructures import FormData
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from deployments.api.errors import ApiError
+from deployments.api.image_input import as_rgb, decode_image, transparency_mask
+from deployments.api.init_images import InitRequest, image_size, with_init
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.native import step_headers
 from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
                                       SERVER_ERRORS, CacheRequest, ImageCount, ImageSide,
-                                      LoraRequest, Name, NonEmptyText, Seed, Steps, Text, lora_pairs)
+                                      LoraRequest, Name, NonEmptyText, Seed, Steps, Strength,
+                                      Text, lora_pairs)
 from deployments.api.serving import Serving
+from deployments.settings import Limits
 
 NAMES = {"width": "size", "height": "size", "count": "n"}  # neutral field -> this API's
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
@@ -87,9 +99,25 @@ def _refuse_unserved(body: OpenAIImageRequest) -> None:
                        status=400, code="unsupported_value")
 
 
-def to_generation(body: OpenAIImageRequest, models: ServedModels) -> Generation:
+class OpenAIEditRequest(OpenAIImageRequest):
+    """The form fields of ``/v1/images/edits`` and ``/v1/images/variations`` (files apart)."""
+
+    prompt: Text = ""  # variations have none
+    strength: Strength | None = None  # Raydiance's: how much of the image is redrawn
+
+
+def to_generation(body: OpenAIImageRequest, models: ServedModels,
+                  init: InitRequest | None = None) -> Generation:
     _refuse_unserved(body)
     width, height = _size(body.size)
+    if init is not None and width is None:
+        width, height = image_size(init.image)
+    generation = _resolved(body, models, width, height)
+    return generation if init is None else with_init(generation, init)
+
+
+def _resolved(body: OpenAIImageRequest, models: ServedModels, width: int | None,
+              height: int | None) -> Generation:
     return models.resolve(
         NAMES, prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
         width=width, height=height, steps=body.steps or DEFAULT_STEPS,
@@ -97,12 +125,53 @@ def to_generation(body: OpenAIImageRequest, models: ServedModels) -> Generation:
         seed=body.seed, count=body.n, cache=body.cache, loras=lora_pairs(body.loras))
 
 
+def edit_init(form: FormData, body: OpenAIEditRequest, limits: Limits,
+              default_strength: float) -> InitRequest:
+    """The init image and mask of an edit form: the mask's transparent pixels (or, with no
+    mask, the image's own) are redrawn."""
+    files = [*form.getlist("image"), *form.getlist("image[]")]
+    if not files or isinstance(files[0], str):
+        raise ApiError("image", "an image file is required (multipart field 'image')")
+    image = decode_image(files[0].file.read(), "image", limits, keep_alpha=True)
+    mask_file = form.get("mask")
+    if isinstance(mask_file, str):
+        raise ApiError("mask", "the mask must be a file (a PNG whose transparent pixels are "
+                       "redrawn)")
+    mask = (transparency_mask(image) if mask_file is None
+            else transparency_mask(decode_image(mask_file.file.read(), "mask", limits,
+                                                keep_alpha=True)))
+    strength = body.strength if body.strength is not None else (
+        1.0 if mask is not None else default_strength)
+    return InitRequest(as_rgb(image), strength, mask, mask_blur=0)
+
+
 class OpenAIApi:
     def __init__(self, serving: Serving, models: ServedModels) -> None:
         self.serving, self.models = serving, models
 
+    async def edit(self, form: FormData, response: Response, *, variation: bool
+                   ) -> OpenAIImagesResponse:
+        fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+        try:
+            body = OpenAIEditRequest.model_validate(fields | ({"prompt": ""} if variation else {}))
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ApiError(".".join(str(p) for p in first["loc"]) or "body", first["msg"],
+                           status=400) from None
+        if not variation and not body.prompt:
+            raise ApiError("prompt", "an edit needs a prompt", status=400)
+
+        def prepare() -> Generation:
+            init = edit_init(form, body, self.models.limits, 0.6 if variation else 0.75)
+            return to_generation(body, self.models, init)
+
+        return await self._answer(await asyncio.to_thread(prepare), response)
+
     async def generate(self, body: OpenAIImageRequest, response: Response) -> OpenAIImagesResponse:
         generation = await asyncio.to_thread(to_generation, body, self.models)
+        return await self._answer(generation, response)
+
+    async def _answer(self, generation: Generation, response: Response) -> OpenAIImagesResponse:
         images = await self.serving.generate(generation)
         response.headers.update(step_headers(images))
         return OpenAIImagesResponse(
@@ -121,3 +190,29 @@ router = APIRouter(responses=SERVER_ERRORS)
 async def generations(body: OpenAIImageRequest, response: Response,
                       api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
     return await api.generate(body, response)
+
+
+MULTIPART = {"requestBody": {"content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary"},
+                   "mask": {"type": "string", "format": "binary"},
+                   "prompt": {"type": "string"}, "n": {"type": "integer"},
+                   "size": {"type": "string"}, "response_format": {"type": "string"},
+                   "model": {"type": "string"}, "strength": {"type": "number"}}}}}}}
+"""The form as OpenAPI describes it (FastAPI cannot, for a form read by hand)."""
+
+
+@router.post("/v1/images/edits", response_model=OpenAIImagesResponse, responses=REQUEST_ERRORS,
+             openapi_extra=MULTIPART)
+async def edits(request: Request, response: Response,
+                api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
+    async with request.form(max_files=4, max_fields=64) as form:
+        return await api.edit(form, response, variation=False)
+
+
+@router.post("/v1/images/variations", response_model=OpenAIImagesResponse,
+             responses=REQUEST_ERRORS, openapi_extra=MULTIPART)
+async def variations(request: Request, response: Response,
+                     api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
+    async with request.form(max_files=4, max_fields=64) as form:
+        return await api.edit(form, response, variation=True)

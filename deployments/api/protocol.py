@@ -82,6 +82,21 @@ LoraWeight = Annotated[float, Field(
     ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False,
     description=f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, as in A1111's <lora:name:weight> tags")]
 
+ImageData = Annotated[str, Field(
+    min_length=1, description="an image file (PNG, JPEG, WebP...) as base64, or a data: URL; at "
+                              "most the server's max_input_bytes and max_input_pixels")]
+Strength = Annotated[float, Field(
+    ge=0.0, le=1.0, allow_inf_nan=False,
+    description="how much of the init image is redrawn: 0 returns it (through the VAE), 1 "
+                "draws anew; the steps run are int(steps * strength)")]
+MaskBlur = Annotated[int, Field(ge=0, le=64, description="pixels of Gaussian blur on the mask edge")]
+ResizeMode = Annotated[int, Field(ge=0, le=3, description=(
+    "fitting the init image to the size asked for, as A1111: 0 just resize, 1 crop and resize, "
+    "2 resize and fill, 3 just resize"))]
+FillIndex = Annotated[int, Field(ge=0, le=3, description=(
+    "what the masked area starts from, as A1111: 0 fill (blurred surroundings), 1 original, "
+    "2 latent noise, 3 latent nothing"))]
+
 
 class CacheRequest(BaseModel):
     """First Block Cache settings for one request, with the bounds of ``FirstBlockCacheConfig``;

@@ -16,6 +16,7 @@ second one. The client, told 503 and when to retry, decides.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -92,38 +93,60 @@ class StageCalls:
         """Every image; once more if the TextEncoder's replica was lost (no image got further)."""
         request = EncodeRequest(generation.model, generation.prompt, generation.negative_prompt,
                                 generation.loras)
+        # an init image is encoded once, by the VAE stage, for every seed: replica to replica
+        init = (None if generation.source is None
+                else self._kept(self.stages.vae_decoder.encode.remote(generation.source)))
         encoded = self._kept(self.stages.text_encoder.encode.remote(request))
         try:
-            return await _all(self._images(encoded, generation, on_step))
+            return await _all(self._images(encoded, init, generation, on_step))
         except Exception as error:
             if not is_fault(error) or not await _fails_by_fault(encoded):
                 raise
             _log_retry("TextEncoder", error)
         encoded = self._kept(self.stages.text_encoder.encode.remote(request))
-        return await _all(self._images(encoded, generation, on_step))
+        return await _all(self._images(encoded, init, generation, on_step))
 
-    def _images(self, encoded: DeploymentResponse, generation: Generation,
-                on_step: OnStep | None) -> list[Awaitable[Decoded]]:
-        return [self._image(encoded, generation, seed, index, on_step)
+    def _images(self, encoded: DeploymentResponse, init: DeploymentResponse | None,
+                generation: Generation, on_step: OnStep | None) -> list[Awaitable[Decoded]]:
+        return [self._image(encoded, init, generation, seed, index, on_step)
                 for index, seed in enumerate(generation.seeds())]
 
-    async def _image(self, encoded: DeploymentResponse, generation: Generation, seed: int,
-                     index: int, on_step: OnStep | None) -> Decoded:
-        params = DenoiseParams(width=generation.width, height=generation.height,
-                               steps=generation.steps, guidance_scale=generation.guidance_scale,
-                               seed=seed, sampler=generation.sampler, cache=generation.cache)
-        if on_step is None:  # replica to replica: the latents never come here
-            denoised = self._kept(self.stages.denoiser.denoise.remote(encoded, params))
-        else:
-            denoised = await self._reported_denoise(encoded, params,
-                                                    lambda progress: on_step(index, progress))
-        return await self._decoded(denoised, generation.infotext(seed))
+    async def _image(self, encoded: DeploymentResponse, init: DeploymentResponse | None,
+                     generation: Generation, seed: int, index: int,
+                     on_step: OnStep | None) -> Decoded:
+        g = generation
+        params = DenoiseParams(width=g.width, height=g.height, steps=g.steps,
+                               guidance_scale=g.guidance_scale, seed=seed, sampler=g.sampler,
+                               schedule=g.scheduler, cache=g.cache, strength=g.strength)
+        report = None if on_step is None else (lambda progress: on_step(index, progress))
+        denoised = await self._denoised(encoded, params, init, report)
+        if g.hires is not None:  # the first pass upscaled by the VAE stage, then redrawn
+            hires = g.hires
+            upscaled = self._kept(self.stages.vae_decoder.upscale.remote(
+                denoised, hires.width, hires.height, hires.upscaler))
+            second = dataclasses.replace(params, width=hires.width, height=hires.height,
+                                         steps=hires.steps, sampler=hires.sampler,
+                                         strength=hires.strength)
+            denoised = await self._denoised(encoded, second, upscaled, report)
+        return await self._decoded(denoised, generation.infotext(seed), init)
+
+    async def _denoised(self, encoded: DeploymentResponse, params: DenoiseParams,
+                        init: DeploymentResponse | None,
+                        report: Callable[[StepProgress], None] | None
+                        ) -> DeploymentResponse | Denoised:
+        """The Denoiser's answer: a response passed on replica to replica (the latents never
+        come here), or, when progress is reported, the ``Denoised`` read from its stream."""
+        if report is None:
+            return self._kept(self.stages.denoiser.denoise.remote(encoded, params, init))
+        return await self._reported_denoise(encoded, params, init, report)
 
     async def _reported_denoise(self, encoded: DeploymentResponse, params: DenoiseParams,
+                                init: DeploymentResponse | None,
                                 on_step: Callable[[StepProgress], None]) -> Denoised:
         """The Denoiser's progress stream read: a ``StepProgress`` per step, then the
         ``Denoised`` whose latents are an object reference, handed on unread."""
-        stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(encoded, params)
+        stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(encoded, params,
+                                                                                 init)
         denoised = None
         try:
             async for item in stream:
@@ -137,15 +160,16 @@ class StageCalls:
             raise RuntimeError("the Denoiser's stream ended without its result")
         return denoised
 
-    async def _decoded(self, denoised: DeploymentResponse | Denoised, infotext: str) -> Decoded:
+    async def _decoded(self, denoised: DeploymentResponse | Denoised, infotext: str,
+                       init: DeploymentResponse | None) -> Decoded:
         """The VAEDecoder's PNG; once more if its replica was lost while the latents are safe."""
         try:
-            return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext))
+            return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext, init))
         except Exception as error:
             if not is_fault(error) or await _fails_by_fault(denoised):
                 raise  # not a lost replica, or the Denoiser's loss: no retry
             _log_retry("VAEDecoder", error)
-        return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext))
+        return await self._kept(self.stages.vae_decoder.decode.remote(denoised, infotext, init))
 
 
 async def _all(images: Iterable[Awaitable[T]]) -> list[T]:

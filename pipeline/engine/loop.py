@@ -13,6 +13,7 @@ from pipeline.engine.observer import EngineObserver, SilentObserver
 from pipeline.engine.request import ActiveRequest, EngineResult, OnStep
 from pipeline.engine.runner import ActivateAdapters, run_step
 from pipeline.engine.scheduler import pick_step_group
+from pipeline.init_image import InitImage
 from pipeline.lora import LoraSet
 from pipeline.memory import IDLE_BEFORE_RELEASE_S, release_freed_memory
 from pipeline.model import DiffusionModel
@@ -55,20 +56,27 @@ class DenoiseEngine:
         self._task: asyncio.Task | None = None
 
     async def submit(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams,
-                     adapters: LoraSet = (), on_step: OnStep | None = None) -> EngineResult:
-        """Denoise one image. ``adapters`` names its LoRA set (only equal sets share a forward);
-        ``on_step(done, total)`` hears of every step. A LoRA set that cannot be loaded fails
-        here, before the request joins any step."""
+                     adapters: LoraSet = (), on_step: OnStep | None = None,
+                     init: InitImage | None = None) -> EngineResult:
+        """Denoise one image, from noise or from ``init`` (image to image, inpainting).
+        ``adapters`` names its LoRA set (only equal sets share a forward); ``on_step(done,
+        total)`` hears of every step. A LoRA set that cannot be loaded fails here, before the
+        request joins any step."""
         loop = asyncio.get_running_loop()
         try:
             await self._adapters.prepare(model, adapters)
             trajectory = await loop.run_in_executor(self._executor, Trajectory, model,
-                                                    conditioning, params)
+                                                    conditioning, params, init)
         except asyncio.CancelledError:  # the caller left before the request joined a step
             self.cancelled += 1
             self.observer.on_cancelled(model.name)
             raise
         request = ActiveRequest.admit(model, trajectory, adapters, loop.create_future(), on_step)
+        if request.done:  # no step to take (strength 0)
+            request.started = time.perf_counter()
+            self._trajectories[request.id] = trajectory
+            self._finish(request)
+            return await request.future
         self._trajectories[request.id] = trajectory
         self.active.append(request)
         self.observer.on_active(len(self.active))

@@ -44,7 +44,8 @@ def run_step(group: Sequence[Trajectory], adapters: LoraSet = (),
     if len(result.outputs) != len(group):
         raise RuntimeError(f"forward returned {len(result.outputs)} slices for {len(group)} requests")
     for i, (trajectory, row, output) in enumerate(zip(group, rows, result.outputs)):
-        if output.shape[0] != row.count or output.shape[1:] != row.sample.shape[1:]:
+        # the noise prediction has the latents' shape (an inpainting UNet takes 5 more channels)
+        if output.shape[0] != row.count or output.shape[2:] != row.sample.shape[2:]:
             raise RuntimeError(f"request {i} of the group: output {tuple(output.shape)} for input "
                                f"{tuple(row.sample.shape)}")
         trajectory.advance(output)

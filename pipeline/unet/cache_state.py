@@ -9,9 +9,10 @@ from pipeline.unet.cache_config import FirstBlockCacheConfig
 class CacheState:
     """What one request's cache remembers between its steps.
 
-    It counts its own forwards: the cache's forward is called exactly once per sampler step of
-    its request (all Raydiance samplers take one model evaluation per step), and the request
-    checks after each step that the two counts agree.
+    It counts its own forwards: the cache's forward is called exactly once per UNet evaluation
+    of its request (a "step" here: second-order samplers such as Heun evaluate twice per sampler
+    step, so ``total_steps`` is the length of the request's timesteps), and the request checks
+    after each step that the two counts agree.
     """
 
     def __init__(self, config: FirstBlockCacheConfig, total_steps: int) -> None:

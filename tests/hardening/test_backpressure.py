@@ -85,7 +85,7 @@ def test_every_answer_has_a_request_id_and_a_clients_sane_one_is_kept(url):
 
 def test_a_chunked_body_over_the_limit_gets_a_json_413(url):
     def chunks():
-        for _ in range(20):  # 20 x 64 KiB without Content-Length: 1.25 MiB, the limit is 1 MiB
+        for _ in range(20):  # 20 x 64 KiB without Content-Length: 1.25 MiB, the limit ~1.17 MiB
             yield b" " * 65536
 
     response = httpx.post(f"{url}/v1/generate", content=chunks(),

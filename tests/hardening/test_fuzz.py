@@ -24,7 +24,7 @@ import pytest
 # The model's native 64x64 and the default 20 steps are within them: a request that leaves its
 # size and steps out generates, so the generation path is fuzzed too, not only the refusals.
 FUZZ_LIMITS = {"max_width": 64, "max_height": 64, "max_steps": 20, "max_images": 2,
-               "max_prompt_chars": 300}
+               "max_prompt_chars": 300, "max_input_bytes": 65536}
 MAX_EXAMPLES = 25  # per operation in the fuzzing phase; a GET without parameters needs one
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance")

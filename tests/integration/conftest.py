@@ -23,7 +23,7 @@ from tools.tiny_shapes import MODEL_DIR  # noqa: E402
 
 APP_NAME = "raydiance"
 LIMITS = {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4,
-          "max_prompt_chars": 300}
+          "max_prompt_chars": 300, "max_input_bytes": 65536}  # a body limit of ~1.17 MiB
 
 
 @dataclass

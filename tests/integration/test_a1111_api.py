@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.samplers import SAMPLERS
+from pipeline.samplers import SAMPLERS, SCHEDULES
 from tools.tiny_shapes.world import classify
 
 from tests.integration.conftest import png_pixels
@@ -47,7 +51,9 @@ def test_txt2img_seed_sampler_scheduler_and_override(service):
     result = service.client.post("/sdapi/v1/txt2img", json=body).json()
     info = json.loads(result["info"])
     assert info["all_seeds"] == [42, 43]
-    assert info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["sampler_name"] == "DPM++ 2M"
+    assert info["extra_generation_params"] == {"Schedule type": "Karras"}
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in info["infotexts"][0]
     assert result["parameters"]["seed"] == 42
     again = service.client.post("/sdapi/v1/txt2img", json=body).json()
     # The request's two images may share their forwards differently the second time (the
@@ -61,8 +67,8 @@ def test_txt2img_seed_sampler_scheduler_and_override(service):
 def test_read_endpoints(service):
     http = service.client
     assert [s["name"] for s in http.get("/sdapi/v1/samplers").json()] == list(SAMPLERS)
-    assert {s["label"] for s in http.get("/sdapi/v1/schedulers").json()} == {"Automatic", "Karras"}
-    assert http.get("/sdapi/v1/upscalers").json() == []
+    assert [s["label"] for s in http.get("/sdapi/v1/schedulers").json()] == list(SCHEDULES)
+    assert [u["name"] for u in http.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     assert http.get("/sdapi/v1/sd-vae").json() == []
     progress = http.get("/sdapi/v1/progress").json()
     assert 0.0 <= progress["progress"] <= 1.0 and "state" in progress
@@ -70,7 +76,7 @@ def test_read_endpoints(service):
 
 @pytest.mark.parametrize("body,status,field", [
     ({"sampler_name": "LMS Heun 9"}, 422, "sampler_name"),
-    ({"scheduler": "exponential"}, 422, "scheduler"),
+    ({"scheduler": "no-such-schedule"}, 422, "scheduler"),
     ({"cfg_scale": -2}, 422, "cfg_scale"),
     ({"width": 100}, 422, "width"),
     ({"batch_size": 3, "n_iter": 2}, 422, "batch_size"),
@@ -87,3 +93,31 @@ def test_options_refuse_an_unknown_checkpoint(service):
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "sd_model_checkpoint"
     assert service.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-shapes"
+
+
+@pytest.mark.parametrize("how", ["interrupt", "skip"])
+def test_interrupt_and_skip_stop_the_txt2img_in_flight(service, how):
+    """SillyTavern's cancel and webuiapi's interrupt: the request in flight answers at once
+    (200, no image finished) instead of running its 50 steps, and /progress says so."""
+    def slow() -> httpx.Response:
+        return service.client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a red circle on a blue background", "steps": 50, "seed": 3,
+            "cache": {"threshold": 0}})
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(slow)
+        deadline = time.monotonic() + 60
+        while service.client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2:
+            assert time.monotonic() < deadline and not pending.done(), "never started"
+            time.sleep(0.05)
+        assert service.client.post(f"/sdapi/v1/{how}").status_code == 200
+        response = pending.result(timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["images"] == []
+    state = service.client.get("/sdapi/v1/progress").json()["state"]
+    assert state["interrupted" if how == "interrupt" else "skipped"] is True
+    assert state["job_count"] == 0
+    # the next request runs normally and clears the flag
+    assert len(service.client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle",
+                                                              "steps": 4}).json()["images"]) == 1
+    assert service.client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is False

@@ -34,7 +34,7 @@ CASES = [
     ({**GOOD, "cache": {"max_consecutive_hits": 0}}, 422, "cache.max_consecutive_hits"),
     ({**GOOD, "cache": 0.1}, 422, "cache"),
     ('{"prompt": "x", ', 422, "body"),
-    ('{"prompt": "' + "a" * (2 << 20) + '"}', 413, "body"),  # above the 1 MiB body limit
+    ('{"prompt": "' + "a" * (2 << 20) + '"}', 413, "body"),  # above the ~1.17 MiB body limit
 ]
 
 

@@ -39,7 +39,8 @@ def test_size_sampler_and_random_seed(service):
     response = service.generate(prompt=PROMPT, width=96, height=48, steps=3, sampler="dpm++ 2m karras")
     assert response.status_code == 200, response.text
     assert png_pixels(response.content).shape == (48, 96, 3)
-    assert response.headers["x-raydiance-sampler"] == "DPM++ 2M Karras"
+    assert response.headers["x-raydiance-sampler"] == "DPM++ 2M"  # an older combined name
+    assert response.headers["x-raydiance-scheduler"] == "Karras"
     assert int(response.headers["x-raydiance-seed"]) >= 0  # drawn by the server, and reported
 
 

@@ -39,7 +39,7 @@ def test_defaults_model_size_and_format(client):
     ({"size": "65x64"}, openai.BadRequestError, "size"),
     ({"size": "huge"}, openai.BadRequestError, "size"),
     ({"size": "1024x1024"}, openai.BadRequestError, "size"),
-    ({"model": "dall-e-3"}, openai.NotFoundError, "model"),
+    ({"model": "no-such-model"}, openai.NotFoundError, "model"),
 ])
 def test_bad_requests_raise_the_clients_errors_naming_the_field(client, kwargs, error, field):
     with pytest.raises(error) as raised:

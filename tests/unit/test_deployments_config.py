@@ -1,6 +1,7 @@
 """The app's arguments, placement choice and request validation, without Ray running."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from deployments.placement import actor_options
 from deployments.settings import AppArgs, Limits, Placement
 from pipeline.errors import NotFoundError
 from pipeline.library import ModelCatalog
+from pipeline.samplers import SAMPLERS, SCHEDULES
 from tools.tiny_shapes import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,12 +113,17 @@ def test_resolve_fills_defaults_and_draws_a_seed(catalog):
     (native.to_generation, GenerateRequest(prompt="x", width=2048), "width", None),
     (native.to_generation, GenerateRequest(prompt="x", steps=101), "steps", None),
     (native.to_generation, GenerateRequest(prompt="x", sampler="nope"), "sampler", None),
+    (native.to_generation, GenerateRequest(prompt="x", sampler="DDIM", scheduler="karras"), "scheduler", None),
     (native.to_generation, GenerateRequest(prompt="x", model="nope"), "model", 404),
     (native.to_generation, GenerateRequest(prompt="x" * 2001), "prompt", 413),
     (openai.to_generation, OpenAIImageRequest(prompt="x", size="64x60"), "size", None),
     (openai.to_generation, OpenAIImageRequest(prompt="x", n=5), "n", None),
     (a1111.to_generation, Txt2ImgRequest(prompt="x", cfg_scale=5, sampler_name="nope"), "sampler_name", None),
     (a1111.to_generation, Txt2ImgRequest(prompt="x", batch_size=5), "batch_size", None),
+    (a1111.to_generation, Txt2ImgRequest(prompt="x", sampler_name="DDIM", scheduler="Karras"), "scheduler", None),
+    (a1111.to_generation, Txt2ImgRequest(prompt="x", scheduler="Linear Quadratic"), "scheduler", None),
+    (a1111.to_generation, Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M Karras", scheduler="beta"),
+     "scheduler", None),
 ])
 def test_resolve_errors_speak_the_callers_field_names(catalog, to_generation, body, field, status):
     with pytest.raises(ApiError) as raised:
@@ -124,11 +131,44 @@ def test_resolve_errors_speak_the_callers_field_names(catalog, to_generation, bo
     assert raised.value.field == field and raised.value.status == status
 
 
-def test_openai_refuses_urls_and_a1111_maps_karras(catalog):
+def test_openai_refuses_urls(catalog):
     with pytest.raises(ApiError, match="response_format"):
         openai.to_generation(OpenAIImageRequest(prompt="x", response_format="url"), served(catalog))
-    generation = a1111.to_generation(Txt2ImgRequest(prompt="x", sampler_name="DPM++ 2M", scheduler="karras"),
-                                     served(catalog))
-    assert generation.sampler == "DPM++ 2M Karras"
-    with pytest.raises(ApiError, match="scheduler"):
-        a1111.to_generation(Txt2ImgRequest(prompt="x", sampler_name="Euler", scheduler="karras"), served(catalog))
+
+
+@pytest.mark.parametrize("sampler_name,scheduler,expected", [
+    ("DPM++ 2M", "karras", ("DPM++ 2M", "Karras")),
+    ("Euler a", "Karras", ("Euler a", "Karras")),
+    ("DDIM", "normal", ("DDIM", "Normal")),  # SillyTavern's default
+    ("DPM++ 2M Karras", None, ("DPM++ 2M", "Karras")),  # an older combined name
+    ("DPM++ SDE", "align_your_steps", None),  # DPMSolverSDEScheduler takes no explicit sigmas
+    (None, None, ("Euler", "Automatic")),
+])
+def test_a1111_sampler_and_scheduler_map_apart(catalog, sampler_name, scheduler, expected):
+    body = Txt2ImgRequest(prompt="x", sampler_name=sampler_name, scheduler=scheduler)
+    if expected is None:
+        with pytest.raises(ApiError) as raised:
+            a1111.to_generation(body, served(catalog))
+        assert raised.value.field == "scheduler"
+        return
+    generation = a1111.to_generation(body, served(catalog))
+    assert (generation.sampler, generation.scheduler) == expected
+    assert f"Sampler: {expected[0]}, Schedule type: {expected[1]}," in generation.infotext(generation.seed)
+
+
+def test_a1111_lists_every_sampler_and_every_served_schedule():
+    samplers = asyncio.run(a1111.samplers())
+    assert [s["name"] for s in samplers] == list(SAMPLERS)
+    assert {"name": "Heun", "aliases": ["k_heun"], "options": {"second_order": "True"}} in samplers
+    schedulers = asyncio.run(a1111.schedulers())
+    assert [s["label"] for s in schedulers] == list(SCHEDULES)  # each served by some sampler
+    assert {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+            "need_inner_model": False} in schedulers
+
+
+def test_native_scheduler_defaults_to_automatic_and_takes_a1111_keys(catalog):
+    default = native.to_generation(GenerateRequest(prompt="x", sampler="dpm++ 2m sde"), served(catalog))
+    assert (default.sampler, default.scheduler) == ("DPM++ 2M SDE", "Automatic")
+    chosen = native.to_generation(GenerateRequest(prompt="x", sampler="Heun", scheduler="kl_optimal"),
+                                  served(catalog))
+    assert (chosen.sampler, chosen.scheduler) == ("Heun", "KL Optimal")

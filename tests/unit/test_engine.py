@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.conditioning import Conditioning, encode_prompts
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.unet.cache_config import FirstBlockCacheConfig

@@ -12,7 +12,7 @@ import diffusers
 from diffusers import UNet2DConditionModel
 
 from pipeline.conditioning import encode_prompts
-from pipeline.decode import decode_latents
+from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams, Trajectory
 from pipeline.errors import InvalidRequestError
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config

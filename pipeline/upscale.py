@@ -1,0 +1,61 @@
+"""Upscalers of the hires fix, by their A1111 names: the first pass's latents made the size of
+the second pass's start, in latent space (the ``Latent*`` modes: an interpolation, no VAE) or
+in pixels (decoded, resized with Pillow, encoded again)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.errors import InvalidRequestError
+from pipeline.init_image import InitImage
+from pipeline.model import DiffusionModel
+from pipeline.vae import decode_latents, encode_pixels
+
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+"""A1111's latent modes: torch's interpolation and whether it antialiases."""
+PIXEL_UPSCALERS: dict[str, Image.Resampling] = {
+    "None": Image.Resampling.LANCZOS,  # A1111's "None": a plain resize
+    "Lanczos": Image.Resampling.LANCZOS,
+    "Nearest": Image.Resampling.NEAREST,
+}
+UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS)
+
+
+def canonical_upscaler(name: str, field: str = "hr_upscaler") -> str:
+    """The A1111 spelling of ``name`` (case-insensitive), or InvalidRequestError naming ``field``."""
+    for known in UPSCALERS:
+        if known.lower() == name.strip().lower():
+            return known
+    raise InvalidRequestError(field, f"unknown upscaler {name!r}; choose one of {', '.join(UPSCALERS)}")
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(1, C, h, w) latents at latent ``size`` (h, w), by the latent mode ``mode``."""
+    method, antialias = LATENT_UPSCALE_MODES[mode]
+    kwargs = {"align_corners": False} if method in ("bilinear", "bicubic") else {}
+    return F.interpolate(latents.float(), size=size, mode=method, antialias=antialias,
+                         **kwargs).to(latents.dtype)
+
+
+@torch.inference_mode()
+def upscale_for_second_pass(model: DiffusionModel, latents: torch.Tensor, width: int,
+                            height: int, upscaler: str) -> InitImage:
+    """The hires fix's second pass's start: ``latents`` (1, C, h, w) brought to ``width`` x
+    ``height`` pixels by ``upscaler``. Pixel upscalers need the model's VAE."""
+    factor = model.vae_scale_factor
+    if upscaler in LATENT_UPSCALE_MODES:
+        upscaled = upscale_latents(latents, (height // factor, width // factor), upscaler)
+    else:
+        pixels = decode_latents(model, latents)[0]
+        resized = Image.fromarray(pixels).resize((width, height), PIXEL_UPSCALERS[upscaler])
+        upscaled = encode_pixels(model, np.asarray(resized)[None])
+    return InitImage(upscaled.to("cpu"), None, None, None)
