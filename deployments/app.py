@@ -24,7 +24,7 @@ def parse_args(args: dict[str, Any] | AppArgs | None, base: Path | None = None) 
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     models = {name: str(resolve_model_path(path, base)) for name, path in parsed.models.items()}
     folders = {}
-    for key in ("checkpoints_dir", "loras_dir"):
+    for key in ("checkpoints_dir", "loras_dir", "embeddings_dir"):
         value = getattr(parsed, key)
         if value is not None:
             folder = resolve_model_path(value, base)
@@ -38,7 +38,8 @@ def stage_settings(parsed: AppArgs) -> StageSettings:
     """The replicas' settings; checks every configured model's files (a bad path fails the
     deploy, not the first request) and picks the default model."""
     stage = StageSettings(model_paths=parsed.models, checkpoints_dir=parsed.checkpoints_dir,
-                          loras_dir=parsed.loras_dir, default_model=parsed.default_model or "",
+                          loras_dir=parsed.loras_dir, embeddings_dir=parsed.embeddings_dir,
+                          default_model=parsed.default_model or "",
                           accelerator=parsed.accelerator,
                           max_models_per_replica=parsed.max_models_per_replica,
                           max_loras_per_model=parsed.max_loras_per_model)

@@ -20,6 +20,7 @@ import torch
 from ray import ObjectRef
 
 from pipeline.conditioning import Conditioning
+from pipeline.embeddings import PromptEmbeddings
 from pipeline.lora import LoraSet
 
 
@@ -31,6 +32,8 @@ class EncodeRequest:
     prompt: str
     negative_prompt: str | None = None
     loras: LoraSet = ()  # normalized LoRA set (text-encoder parts apply)
+    embeddings: PromptEmbeddings = ()  # textual inversions the prompts name, with file versions
+    clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers: 1 = the last layer
 
 
 @dataclass

@@ -132,6 +132,8 @@ class AppArgs(_Strict):
     # at once. And a folder of LoRAs (*.safetensors, kohya or diffusers/peft), named by stem.
     checkpoints_dir: str | None = None
     loras_dir: str | None = None
+    # A1111's embeddings folder: textual inversion *.safetensors, used by name in prompts.
+    embeddings_dir: str | None = None
     default_model: str | None = None
     # Other names a request may give a served model (alias: model). Absent: OpenAI's image model
     # names (dall-e-2, dall-e-3, gpt-image-1) name default_model, as OpenAI clients send them.
@@ -169,6 +171,7 @@ class StageSettings(_Strict):
     model_paths: dict[str, str]
     checkpoints_dir: str | None = None
     loras_dir: str | None = None
+    embeddings_dir: str | None = None
     default_model: str
     accelerator: Accelerator
     max_models_per_replica: PositiveInt = 2

@@ -5,11 +5,15 @@ A small LRU of conditionings sits in front of the batch: clients resend the same
 and returns the very conditioning the first encoding produced. Entries are keyed by the version
 of the model's files too, so a checkpoint replaced under the same name is never answered from
 its predecessor's conditionings. A request's LoRAs are put on the text encoders before it joins
-a batch (files read in a thread), so a batch never waits for a LoRA file.
+a batch (files read in a thread), so a batch never waits for a LoRA file; so are the textual
+inversion embeddings its prompts name (``embeddings_dir``), read and checked against the model
+before it joins, each keyed in the cache by its file's version. Requests of one batch may each
+use other embeddings and another clip skip: they still share one forward.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Hashable
 from typing import Any
@@ -18,8 +22,11 @@ from cachetools import LRUCache
 from ray import serve
 
 from pipeline.conditioning import Conditioning, encode_prompts
+from pipeline.embeddings import EmbeddingLibrary, LoadedEmbeddings, TextEmbedding, versions
+from pipeline.errors import InvalidRequestError
 from pipeline.lora import LoraSet
 from pipeline.model import DiffusionModel
+from pipeline.prompt_tokens import check_encodable
 
 from deployments import metrics
 from deployments.batching import raise_if_error, run_grouped
@@ -32,12 +39,13 @@ from deployments.settings import BatchKnobs, StageSettings
 DEFAULT_CACHE_SIZE = 128
 CACHE_SIZE_KEY = "embedding_cache_size"
 
-EncodeItem = tuple[EncodeRequest, DiffusionModel]
+EncodeItem = tuple[EncodeRequest, DiffusionModel, dict[str, TextEmbedding]]
 
 
 class EmbeddingCache:
     """A bounded LRU (``cachetools.LRUCache``) of conditionings keyed by the encode request
-    (model, prompt, negative prompt, LoRA set) and the version of the model's files, counting
+    (model, prompt, negative prompt, LoRA set, embeddings with their files' versions, clip
+    skip) and the version of the model's files, counting
     its hits and misses.
 
     Used only on the replica's event loop, so it needs no lock. Capacity 0 turns it off.
@@ -83,6 +91,8 @@ class TextEncoder(StageReplica):
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         super().__init__(settings, components=("text_encoders",))
         self.cache = EmbeddingCache(cache_size)
+        self.embeddings = (LoadedEmbeddings(EmbeddingLibrary(settings.embeddings_dir))
+                           if settings.embeddings_dir else None)
         knobs.apply_to(self._encode_batch)
         self._cache_size_changed()
         await self.store.start()
@@ -112,8 +122,12 @@ class TextEncoder(StageReplica):
         metrics.inc("raydiance_embedding_cache_lookups", model=request.model, result="miss")
         model = await self.get_model(request.model)
         await self._load_loras(model, request.loras)
-        result = raise_if_error(await self._encode_batch((request, model)))
-        self.cache.put((request, self.store.version_of(model)), result.conditioning)
+        embeddings = await self._read_embeddings(request)
+        check_encodable(model, request.prompt, request.negative_prompt, embeddings, request.clip_skip)
+        result = raise_if_error(await self._encode_batch((request, model, embeddings)))
+        # keyed by the files' versions as read (the Ingress saw them a moment earlier)
+        key = dataclasses.replace(request, embeddings=versions(embeddings))
+        self.cache.put((key, self.store.version_of(model)), result.conditioning)
         self._cache_size_changed()
         metrics.record_stage("encode", request.model, time.perf_counter() - start)
         return result
@@ -127,6 +141,16 @@ class TextEncoder(StageReplica):
             if inject is not None:
                 await self.worker.run(inject)
 
+    async def _read_embeddings(self, request: EncodeRequest) -> dict[str, TextEmbedding]:
+        """The embeddings the request's prompts name, read in a thread (kept while their files'
+        versions hold); a request naming one on a server without ``embeddings_dir`` is refused."""
+        if not request.embeddings:
+            return {}
+        if self.embeddings is None:
+            raise InvalidRequestError("prompt", "this server has no embeddings_dir configured")
+        return await asyncio.to_thread(self.embeddings.read, request.embeddings, request.prompt,
+                                       request.negative_prompt)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, items: list[EncodeItem]) -> list[Encoded | Exception]:
         return await self.worker.run(run_grouped, items, lambda item: (id(item[1]), item[0].loras),
@@ -135,10 +159,12 @@ class TextEncoder(StageReplica):
     def _encode_group(self, items: list[EncodeItem]) -> list[Encoded]:
         """One CLIP forward for requests of one model and LoRA set, on the torch thread."""
         start = time.perf_counter()
-        (first, model), requests = items[0], [request for request, _ in items]
+        (first, model, _), requests = items[0], [request for request, _, _ in items]
         self.store.activate_loras(model, first.loras)
         conditionings = encode_prompts(model, [r.prompt for r in requests],
-                                       [r.negative_prompt for r in requests])
+                                       [r.negative_prompt for r in requests],
+                                       clip_skip=[r.clip_skip for r in requests],
+                                       embeddings=[embeddings for _, _, embeddings in items])
         ms = (time.perf_counter() - start) * 1000
         return [Encoded(first.model, conditioning, {"encode": ms}, first.loras)
                 for conditioning in conditionings]

@@ -27,7 +27,7 @@ from deployments.api.generation import Generation, HiresFix, ServedModels
 from deployments.api.image_input import decode_image, decode_mask
 from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
 from deployments.api.protocol import (MAX_IMAGES, MAX_SIDE, MAX_STEPS, REQUEST_ERRORS, SERVER_ERRORS,
-                                      CacheRequest, FillIndex, GuidanceScale, ImageCount,
+                                      CacheRequest, ClipSkip, FillIndex, GuidanceScale, ImageCount,
                                       ImageData, ImageSide, MaskBlur, Name, ResizeMode, Seed,
                                       Steps, Strength, Text)
 from deployments.api.serving import Serving
@@ -39,12 +39,14 @@ NAMES = {"guidance_scale": "cfg_scale", "sampler": "sampler_name", "count": "bat
 
 
 class OverrideSettings(BaseModel):
-    """A1111's per-request settings: the checkpoint, and Raydiance's ``cache`` (A1111 clients can
-    pass only ``override_settings`` through); other A1111 settings are accepted and ignored."""
+    """A1111's per-request settings: the checkpoint, clip skip, and Raydiance's ``cache`` (A1111
+    clients can pass only ``override_settings`` through); other A1111 settings are accepted and
+    ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     sd_model_checkpoint: Name | None = None
+    CLIP_stop_at_last_layers: ClipSkip | None = None
     cache: CacheRequest | None = None
 
 
@@ -120,11 +122,13 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 class OptionsUpdate(BaseModel):
     """POST /sdapi/v1/options. Open WebUI posts back the whole options object with one key
-    changed: other keys are accepted and ignored; only the checkpoint is checked and kept."""
+    changed: other keys are accepted and ignored; only the checkpoint and clip skip are checked
+    and kept."""
 
     model_config = ConfigDict(extra="ignore")
 
     sd_model_checkpoint: Name | None = None
+    CLIP_stop_at_last_layers: ClipSkip | None = None
 
 
 def _sampler(body: Txt2ImgRequest) -> str:
@@ -141,12 +145,15 @@ def field_names(body: Txt2ImgRequest) -> dict[str, str]:
         names["model"] = "sd_model_checkpoint"
     if overrides.cache is not None:
         names["cache"] = "override_settings.cache"
+    names["clip_skip"] = ("CLIP_stop_at_last_layers" if overrides.CLIP_stop_at_last_layers is None
+                          else "override_settings.CLIP_stop_at_last_layers")
     return names
 
 
 def to_generation(body: Txt2ImgRequest, models: ServedModels,
-                  selected_model: str | None = None) -> Generation:
-    """``selected_model``: the checkpoint chosen through ``/sdapi/v1/options`` (None: the default)."""
+                  selected_model: str | None = None, selected_clip_skip: int = 1) -> Generation:
+    """``selected_model``: the checkpoint chosen through ``/sdapi/v1/options`` (None: the default);
+    ``selected_clip_skip`` its ``CLIP_stop_at_last_layers``."""
     overrides = body.override_settings or OverrideSettings()
     model = overrides.sd_model_checkpoint
     if model is None:
@@ -162,7 +169,8 @@ def to_generation(body: Txt2ImgRequest, models: ServedModels,
         field_names(body), prompt=prompt, negative_prompt=body.negative_prompt or None, model=model,
         width=body.width, height=body.height, steps=body.steps, guidance_scale=body.cfg_scale,
         sampler=_sampler(body), scheduler=body.scheduler, seed=body.seed,
-        count=body.batch_size * body.n_iter, cache=cache, loras=loras)
+        count=body.batch_size * body.n_iter, cache=cache, loras=loras,
+        clip_skip=overrides.CLIP_stop_at_last_layers or selected_clip_skip)
     return generation if not body.enable_hr else dataclasses.replace(
         generation, hires=_hires(body, generation, models.limits))
 
@@ -204,13 +212,14 @@ def _hires(body: Txt2ImgRequest, first: Generation, limits: Limits) -> HiresFix:
 
 
 def to_img2img_generation(body: Img2ImgRequest, models: ServedModels,
-                          selected_model: str | None = None) -> Generation:
+                          selected_model: str | None = None,
+                          selected_clip_skip: int = 1) -> Generation:
     """``to_generation`` starting from the request's first init image."""
     init = body.init_request(models.limits)
     width, height = image_size(init.image)
     sized = body.model_copy(update={"width": body.width or width, "height": body.height or height,
                                     "enable_hr": False})
-    return with_init(to_generation(sized, models, selected_model), init)
+    return with_init(to_generation(sized, models, selected_model, selected_clip_skip), init)
 
 
 def _info(body: Txt2ImgRequest, generation: Generation, images: list[Decoded]) -> dict[str, Any]:
@@ -224,6 +233,7 @@ def _info(body: Txt2ImgRequest, generation: Generation, images: list[Decoded]) -
         "width": g.width, "height": g.height, "sampler_name": g.sampler,
         "cfg_scale": g.guidance_scale, "steps": g.steps, "batch_size": body.batch_size,
         "n_iter": body.n_iter, "sd_model_name": g.model, "sd_model_hash": None,
+        "clip_skip": g.clip_skip,
         "infotexts": [g.infotext(seed) for seed in seeds],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "raydiance",
         "steps_computed": [d.steps_computed for d in images],
@@ -268,7 +278,8 @@ class A1111Api:
 
     async def txt2img(self, body: Txt2ImgRequest) -> Txt2ImgResponse:
         generation = await asyncio.to_thread(to_generation, body, self.models,
-                                             self.options["sd_model_checkpoint"])
+                                             self.options["sd_model_checkpoint"],
+                                             self.options["CLIP_stop_at_last_layers"])
         images = await self._generate(body, generation)
         return Txt2ImgResponse(images=[base64.b64encode(d.png).decode("ascii") for d in images],
                                parameters=body.model_dump(mode="json"),
@@ -276,7 +287,8 @@ class A1111Api:
 
     async def img2img(self, body: Img2ImgRequest) -> Txt2ImgResponse:
         generation = await asyncio.to_thread(to_img2img_generation, body, self.models,
-                                             self.options["sd_model_checkpoint"])
+                                             self.options["sd_model_checkpoint"],
+                                             self.options["CLIP_stop_at_last_layers"])
         images = await self._generate(body, generation)
         encoded = [base64.b64encode(d.png).decode("ascii") for d in images]
         if body.include_init_images:
@@ -311,11 +323,15 @@ class A1111Api:
             job.stop(how)
 
     async def set_options(self, options: OptionsUpdate) -> None:
-        """Selects the checkpoint (404 naming ``sd_model_checkpoint`` if it is not served)."""
+        """Selects the checkpoint (404 naming ``sd_model_checkpoint`` if it is not served) and
+        clip skip (``CLIP_stop_at_last_layers``, 1..12; a model with fewer layers refuses more
+        when it is used)."""
         model = options.sd_model_checkpoint
         if model is not None:
             await asyncio.to_thread(self.models.describe, model, "sd_model_checkpoint")
             self.options["sd_model_checkpoint"] = model
+        if options.CLIP_stop_at_last_layers is not None:
+            self.options["CLIP_stop_at_last_layers"] = options.CLIP_stop_at_last_layers
 
     def progress(self) -> dict[str, Any]:
         """Step progress of the txt2img requests in flight on this replica."""

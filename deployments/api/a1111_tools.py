@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.api.embeddings import a1111_embeddings
 from deployments.api.errors import ApiError
 from deployments.api.generation import ServedModels
 from deployments.api.image_input import LANCZOS, as_rgb, open_image
@@ -218,10 +219,11 @@ class A1111Tools:
 
     def cmd_flags(self) -> dict[str, Any]:
         """The few of A1111's command-line flags that say something true of this server."""
-        loras = self.models.loras
+        loras, embeddings = self.models.loras, self.models.embeddings
         return {"api": True, "nowebui": True, "ckpt_dir": self.models.catalog.checkpoints_dir,
                 "lora_dir": str(loras.folder) if loras is not None else None,
-                "embeddings_dir": None, "hypernetwork_dir": None, "disable_safe_unpickle": False}
+                "embeddings_dir": str(embeddings.folder) if embeddings is not None else None,
+                "hypernetwork_dir": None, "disable_safe_unpickle": False}
 
 
 def _tools(request: Request) -> A1111Tools:
@@ -286,10 +288,10 @@ async def memory_route() -> dict[str, Any]:
 
 
 @router.get("/embeddings")
-async def embeddings() -> dict[str, dict[str, Any]]:
+async def embeddings(tools: Tools) -> dict[str, dict[str, Any]]:
     """A1111's shape (``{"loaded": {name: {step, sd_checkpoint, sd_checkpoint_name, shape,
-    vectors}}, "skipped": {...}}``); no textual inversion embeddings are served yet."""
-    return {"loaded": {}, "skipped": {}}
+    vectors}}, "skipped": {...}}``), from the embeddings folder (``deployments.api.embeddings``)."""
+    return await a1111_embeddings(tools.models)
 
 
 @router.get("/prompt-styles")

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.embeddings import EmbeddingInfo, EmbeddingLibrary, PromptEmbeddings
 from pipeline.errors import InvalidRequestError
 from pipeline.init_image import SourceImage
 from pipeline.library import LoraLibrary, ModelCatalog, ModelInfo
@@ -63,6 +64,8 @@ class Generation:
     source: SourceImage | None = dataclasses.field(default=None, compare=False, repr=False)
     strength: float = 1.0
     hires: HiresFix | None = None  # a second pass at a larger size (txt2img only)
+    clip_skip: int = 1  # A1111's CLIP_stop_at_last_layers (1: the last layer)
+    embeddings: PromptEmbeddings = ()  # textual inversions the prompts name, with file versions
 
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.count)]
@@ -78,17 +81,21 @@ class Generation:
                      + (f", Denoising strength: {self.strength:g}" if self.source else "")
                      + (f", Hires upscale: {self.hires.width}x{self.hires.height}, Hires "
                         f"upscaler: {self.hires.upscaler}, Hires steps: {self.hires.steps}, "
-                        f"Denoising strength: {self.hires.strength:g}" if self.hires else ""))
+                        f"Denoising strength: {self.hires.strength:g}" if self.hires else "")
+                     + (f", Clip skip: {self.clip_skip}" if self.clip_skip != 1 else ""))
         return "\n".join(lines)
 
 
 class ServedModels:
-    """What this server serves and allows: its models, its LoRAs and its limits."""
+    """What this server serves and allows: its models, its LoRAs, its textual inversion
+    embeddings and its limits."""
 
     def __init__(self, catalog: ModelCatalog, default_model: str, limits: Limits,
-                 loras: LoraLibrary | None, aliases: Mapping[str, str] | None = None) -> None:
+                 loras: LoraLibrary | None, aliases: Mapping[str, str] | None = None,
+                 embeddings: EmbeddingLibrary | None = None) -> None:
         self.catalog, self.default_model, self.limits, self.loras = catalog, default_model, limits, loras
         self.aliases = dict(aliases or {})  # checked at deploy (``model_aliases``)
+        self.embeddings = embeddings
 
     def model_name(self, name: str) -> str:
         """The served model ``name`` means: an alias's model, unless a model of that name has
@@ -117,11 +124,21 @@ class ServedModels:
             return []
         return [(name, self.loras.resolve(name)) for name in self.loras.names()]
 
+    def embedding_listing(self) -> tuple[dict[str, EmbeddingInfo], dict[str, str]]:
+        """(usable embeddings by name, skipped files with the reason): headers read, pickles not."""
+        return self.embeddings.listing() if self.embeddings is not None else ({}, {})
+
+    def prompt_embeddings(self, prompt: str, negative_prompt: str | None) -> PromptEmbeddings:
+        """The embeddings the prompts name, with their files' versions (none without a folder)."""
+        if self.embeddings is None:
+            return ()
+        return self.embeddings.lookup(prompt, negative_prompt)
+
     def resolve(self, names: Mapping[str, str], *, prompt: str, negative_prompt: str | None,
                 model: str | None, width: int | None, height: int | None, steps: int,
                 guidance_scale: float, sampler: str | None, seed: int | None, count: int,
                 cache: CacheRequest | None, loras: Sequence[tuple[str, float]],
-                scheduler: str | None = None) -> Generation:
+                scheduler: str | None = None, clip_skip: int = 1) -> Generation:
         """The ``Generation`` a dialect's fields ask for; ``names`` maps the neutral field names
         (``count``, ``cache``...) to the dialect's, for the errors. The fields' fixed bounds were
         checked with the body (``deployments.api.protocol``). ``scheduler`` is the schedule
@@ -139,7 +156,8 @@ class ServedModels:
                 height=height, steps=steps, guidance_scale=float(guidance_scale),
                 sampler=sampler, scheduler=scheduler, seed=resolve_seed(seed),
                 count=count, cache=default_cache_config(info.family).with_overrides(overrides),
-                loras=self._checked_loras(loras))
+                loras=self._checked_loras(loras), clip_skip=clip_skip,
+                embeddings=self.prompt_embeddings(prompt, negative_prompt))
 
     def _checked_loras(self, loras: Sequence[tuple[str, float]]) -> LoraSet:
         """Every named LoRA must be a file in the loras folder (404 naming it otherwise)."""

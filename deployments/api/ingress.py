@@ -12,6 +12,7 @@ from pydantic import BaseModel, PositiveFloat
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pipeline.embeddings import EmbeddingLibrary
 from pipeline.library import LoraLibrary
 
 from deployments.api import a1111, a1111_tools, native, openai
@@ -74,7 +75,9 @@ class Ingress:
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
         self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
                                    LoraLibrary(stage.loras_dir) if stage.loras_dir else None,
-                                   settings.model_aliases)
+                                   settings.model_aliases,
+                                   EmbeddingLibrary(stage.embeddings_dir) if stage.embeddings_dir
+                                   else None)
         self.settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:

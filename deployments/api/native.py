@@ -1,6 +1,6 @@
 """The native API: ``POST /v1/generate`` answers a PNG with its parameters, First Block Cache step
 counts and per-stage timings in headers; ``/v1/generate/stream`` is the same request as
-server-sent events; ``GET /v1/models``, ``/v1/loras`` and ``/healthz``."""
+server-sent events; ``GET /v1/models``, ``/v1/loras``, ``/v1/embeddings`` and ``/healthz``."""
 from __future__ import annotations
 
 import asyncio
@@ -16,12 +16,13 @@ from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
 from pipeline.samplers import DEFAULT_SAMPLER
 
+from deployments.api.embeddings import native_embeddings
 from deployments.api.errors import ApiError, error_body, internal_error_body
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.image_input import decode_image, decode_mask
 from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
 from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
-                                      SERVER_ERRORS, CacheRequest, FillIndex, GuidanceScale,
+                                      SERVER_ERRORS, CacheRequest, ClipSkip, FillIndex, GuidanceScale,
                                       ImageData, ImageSide, LoraRequest, MaskBlur, Name,
                                       ResizeMode, Seed, Steps, Strength, Text, lora_pairs)
 from deployments.api.serving import Serving
@@ -50,6 +51,7 @@ class GenerateRequest(BaseModel):
     model: Name | None = None
     cache: CacheRequest | None = None
     loras: list[LoraRequest] = Field(default_factory=list)
+    clip_skip: ClipSkip = 1  # A1111's: 1 = the text encoder's last layer, 2 = the penultimate
     # image to image: absent width and height then take the init image's own size
     init_image: ImageData | None = None
     strength: Strength = 0.75
@@ -70,7 +72,7 @@ def to_generation(body: GenerateRequest, models: ServedModels) -> Generation:
         {}, prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
         width=width, height=height, steps=body.steps, guidance_scale=body.guidance_scale,
         sampler=body.sampler, scheduler=body.scheduler, seed=body.seed, count=1, cache=body.cache,
-        loras=lora_pairs(body.loras))
+        loras=lora_pairs(body.loras), clip_skip=body.clip_skip)
     return generation if init is None else with_init(generation, init)
 
 
@@ -161,6 +163,9 @@ class NativeApi:
         names = await asyncio.to_thread(self.models.lora_names)
         return {"object": "list", "data": [{"id": name, "object": "lora"} for name in names]}
 
+    async def list_embeddings(self) -> dict[str, Any]:
+        return await native_embeddings(self.models)
+
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "default_model": self.models.default_model}
 
@@ -197,6 +202,12 @@ async def models(api: Api) -> dict[str, Any]:
 @router.get("/v1/loras")
 async def loras(api: Api) -> dict[str, Any]:
     return await api.list_loras()
+
+
+@router.get("/v1/embeddings")
+async def embeddings(api: Api) -> dict[str, Any]:
+    """The textual inversion embeddings of ``embeddings_dir``, used by name in prompts."""
+    return await api.list_embeddings()
 
 
 @router.get("/healthz")

@@ -25,6 +25,7 @@ MAX_GUIDANCE_SCALE = 30.0
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 5.0
 MAX_LORAS = 8  # per request, checked in ServedModels.resolve (A1111 tags them into the prompt)
+MAX_CLIP_SKIP = 12  # A1111's slider; a model with fewer text-encoder layers refuses more
 MAX_NAME_CHARS = 200
 NO_NUL = "^[^\\u0000]*$"  # documented in the schema; the validator below enforces it
 
@@ -78,6 +79,10 @@ GuidanceScale = Annotated[float, Field(
                 "the model was trained on, and at 1e9 fp16 overflows to NaN: a black image.")]
 Seed = Annotated[int, Field(ge=-1, le=MAX_SEED, description=f"0..{MAX_SEED}; -1 (or absent): random")]
 ImageCount = Annotated[int, Field(ge=1, le=MAX_IMAGES, description="at most the server's max_images")]
+ClipSkip = Annotated[int, Field(ge=1, le=MAX_CLIP_SKIP, description=(
+    f"A1111's clip skip (CLIP_stop_at_last_layers), 1..{MAX_CLIP_SKIP}: 1 = the text encoder's "
+    "last layer (the default), 2 = the penultimate, as A1111 counts (diffusers' clip_skip + 1); "
+    "SDXL counts from its usual penultimate layer, as diffusers does. At most the model's layers"))]
 LoraWeight = Annotated[float, Field(
     ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False,
     description=f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}, as in A1111's <lora:name:weight> tags")]

@@ -92,7 +92,7 @@ class StageCalls:
     async def generate(self, generation: Generation, on_step: OnStep | None) -> list[Decoded]:
         """Every image; once more if the TextEncoder's replica was lost (no image got further)."""
         request = EncodeRequest(generation.model, generation.prompt, generation.negative_prompt,
-                                generation.loras)
+                                generation.loras, generation.embeddings, generation.clip_skip)
         # an init image is encoded once, by the VAE stage, for every seed: replica to replica
         init = (None if generation.source is None
                 else self._kept(self.stages.vae_decoder.encode.remote(generation.source)))

@@ -32,6 +32,7 @@ class Service:
     client: httpx.Client
     checkpoints_dir: Path
     loras_dir: Path
+    embeddings_dir: Path | None = None
 
     def generate(self, **body) -> httpx.Response:
         return self.client.post("/v1/generate", json=body)
@@ -62,6 +63,23 @@ def model_folders(root: Path) -> tuple[Path, Path]:
     return checkpoints, loras
 
 
+def embedding_folder(root: Path) -> Path:
+    """An embeddings folder: ``tinystyle`` (SD1.5, for tiny-shapes' 64-wide CLIP, 2 vectors),
+    ``swapstyle`` (the same shape, for replacing), ``xlstyle`` (SDXL, for random-sdxl's 32 + 48)
+    and ``evil.pt``, a pickle that leaves ``root / "unpickled"`` behind if anything reads it."""
+    import torch
+
+    from tools.embedding_files import write_embedding, write_tripwire_pickle
+
+    folder, generator = root / "embeddings", torch.Generator().manual_seed(14)
+    write_embedding(folder / "tinystyle.safetensors", torch.randn(2, 64, generator=generator))
+    write_embedding(folder / "swapstyle.safetensors", torch.randn(1, 64, generator=generator))
+    write_embedding(folder / "xlstyle.safetensors", (torch.randn(2, 32, generator=generator),
+                                                      torch.randn(2, 48, generator=generator)))
+    write_tripwire_pickle(folder / "evil.pt", root / "unpickled")
+    return folder
+
+
 @pytest.fixture(scope="package")
 def service(tmp_path_factory):
     import ray
@@ -70,19 +88,22 @@ def service(tmp_path_factory):
     from deployments.app import build_app
     from tools.local_serve import deploy, free_port, wait_http
 
-    checkpoints, loras = model_folders(tmp_path_factory.mktemp("library"))
+    library = tmp_path_factory.mktemp("library")
+    checkpoints, loras = model_folders(library)
+    embeddings = embedding_folder(library)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         app = build_app({"models": {"tiny-shapes": str(MODEL_DIR)}, "accelerator": "cpu",
                          "limits": LIMITS, "checkpoints_dir": str(checkpoints),
-                         "loras_dir": str(loras), "max_models_per_replica": 2})
+                         "loras_dir": str(loras), "embeddings_dir": str(embeddings),
+                         "max_models_per_replica": 2})
         deploy(app, APP_NAME, timeout_s=240)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/healthz", timeout_s=60)
         with httpx.Client(base_url=url, timeout=120.0) as client:
-            yield Service(url, client, checkpoints, loras)
+            yield Service(url, client, checkpoints, loras, embeddings)
     finally:
         serve.shutdown()
         ray.shutdown()
