@@ -20,6 +20,7 @@ from tools.checkpoint_writer import save_checkpoint
 from tools.tiny_shapes import MODEL_DIR
 
 from tests.hardening.conftest import Cluster
+from tests.unit.test_stage_hardening import altered_checkpoint
 
 PROMPT = "a red circle on a blue background"
 BODY = {"prompt": PROMPT, "seed": 5, "steps": 6, "width": 64, "height": 64}
@@ -28,16 +29,6 @@ BODY = {"prompt": PROMPT, "seed": 5, "steps": 6, "width": 64, "height": 64}
 def pixels(response: httpx.Response) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
-
-
-def altered_checkpoint(path) -> None:
-    """The built-in model with other UNet and text-encoder weights, written to ``path``."""
-    model = load_model(MODEL_DIR)
-    with torch.no_grad():
-        model.unet.conv_out.weight.mul_(0.7)
-        norm = next(m for n, m in model.text_encoders[0].named_modules() if n.endswith("final_layer_norm"))
-        norm.bias.add_(0.5)
-    save_checkpoint(model, path)
 
 
 def test_a_checkpoint_replaced_under_its_name_is_reloaded_with_fresh_embeddings(

@@ -13,10 +13,8 @@ requests succeed again.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -33,6 +31,7 @@ from pipeline.generate import generate  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402
 from tools.local_serve import deploy_config, free_port, wait_http  # noqa: E402
 from tools.tiny_shapes import MODEL_DIR  # noqa: E402
+from tools.traffic import Traffic, wait_for  # noqa: E402
 
 from tests.integration.conftest import png_pixels  # noqa: E402
 
@@ -139,58 +138,6 @@ def in_process_pixels(seed: int, steps: int) -> np.ndarray:
     return generate(load_model(MODEL_DIR), PROMPT, params).pixels
 
 
-@dataclass
-class Traffic:
-    """Clients sending requests until stopped; every outcome kept with when it started."""
-
-    url: str
-    clients: int
-    steps: int = 8
-    # start, status, seconds, Retry-After (None when absent)
-    outcomes: list[tuple[float, int | str, float, str | None]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def __enter__(self) -> "Traffic":
-        self._pool = ThreadPoolExecutor(self.clients)
-        self._futures = [self._pool.submit(self._client, i) for i in range(self.clients)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for future in self._futures:
-            future.result(timeout=CLIENT_TIMEOUT_S + 30)
-        self._pool.shutdown()
-
-    def _client(self, index: int) -> None:
-        with httpx.Client(timeout=CLIENT_TIMEOUT_S) as client:
-            seed = index * 1000
-            while not self._stop.is_set():
-                seed += 1
-                start = time.monotonic()
-                retry_after = None
-                try:
-                    response = client.post(f"{self.url}/v1/generate", json={
-                        "prompt": PROMPT, "seed": seed, "steps": self.steps})
-                    status: int | str = response.status_code
-                    retry_after = response.headers.get("retry-after")
-                except httpx.TimeoutException:
-                    status = "timeout"
-                except httpx.HTTPError as error:
-                    status = type(error).__name__
-                self.outcomes.append((start, status, time.monotonic() - start, retry_after))
-
-    def successes_since(self, moment: float) -> int:
-        return sum(1 for start, status, _, _ in self.outcomes if start >= moment and status == 200)
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s:.0f}s: {what}")
-        time.sleep(0.5)
-
-
 def test_every_replica_lands_where_the_config_puts_it_and_draws_right(cluster, service):
     for stage in ("TextEncoder", "VAEDecoder", "Denoiser"):
         (report,) = placements(stage, 1).values()
@@ -207,7 +154,8 @@ def test_every_replica_lands_where_the_config_puts_it_and_draws_right(cluster, s
 
 
 def test_the_denoiser_scales_out_onto_the_gpu_nodes_under_load(cluster, service):
-    with Traffic(service, clients=12, steps=20):
+    with Traffic(service, clients=12, body={"prompt": PROMPT, "steps": 20},
+                 timeout_s=CLIENT_TIMEOUT_S):
         reports = placements("Denoiser", 2, timeout_s=180)
     assert {r["node_id"] for r in reports.values()} <= cluster.gpu_node_ids
     cards = {(r["node_id"], gpu) for r in reports.values() for gpu in r["gpu_ids"]}
@@ -231,7 +179,8 @@ def test_removing_a_gpu_node_mid_traffic_moves_its_denoisers_and_service_resumes
     doomed = max(cluster.gpus, key=lambda node: (hosts.count(node.node_id) > 0,
                                                  node.node_id != ingress, hosts.count(node.node_id)))
     (survivor,) = [node for node in cluster.gpus if node is not doomed]
-    with Traffic(service, clients=4) as traffic:
+    with Traffic(service, clients=4, body={"prompt": PROMPT, "steps": 8},
+                 timeout_s=CLIENT_TIMEOUT_S) as traffic:
         wait_for(lambda: traffic.successes_since(0) >= 2, 120, "requests served before the removal")
         removed_at = time.monotonic()
         cluster.nodes.remove_node(doomed)
@@ -239,9 +188,10 @@ def test_removing_a_gpu_node_mid_traffic_moves_its_denoisers_and_service_resumes
                  "requests served again after a GPU node was removed")
         reports = placements("Denoiser", 2, timeout_s=240)  # the lost replicas, started again
     assert {r["node_id"] for r in reports.values()} == {survivor.node_id}
-    statuses = [status for _, status, _, _ in traffic.outcomes]
+    statuses = [o.status for o in traffic.outcomes]
     assert all(s == 200 or (isinstance(s, int) and s >= 500) for s in statuses), statuses  # answered
     if doomed.node_id != ingress:  # the Ingress lived: a lost Denoiser's requests get 503 + Retry-After
-        failed = [(s, retry) for _, s, _, retry in traffic.outcomes if s != 200]
+        failed = [(o.status, o.response.headers.get("retry-after") if o.response else None)
+                  for o in traffic.outcomes if o.status != 200]
         assert all(s == 503 and retry for s, retry in failed), failed
-    assert max(seconds for _, _, seconds, _ in traffic.outcomes) < CLIENT_TIMEOUT_S
+    assert max(o.seconds for o in traffic.outcomes) < CLIENT_TIMEOUT_S

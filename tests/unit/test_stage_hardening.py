@@ -139,7 +139,7 @@ def test_a_huge_lora_weight_diverges_naming_loras(builtin_model, lora_setup):
     assert "diverged" in error.message
 
 
-def _altered_checkpoint(path) -> None:
+def altered_checkpoint(path) -> None:
     """The built-in model with other UNet and text-encoder weights, under ``path``."""
     model = load_model(MODEL_DIR)
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_files_version_changes_when_a_checkpoint_is_rewritten_in_place(tmp_path)
     path = save_checkpoint(MODEL_DIR, tmp_path / "m.safetensors")
     before = files_version(path)
     assert files_version(path) == before
-    _altered_checkpoint(path)  # same size, same inode: the mtime tells
+    altered_checkpoint(path)  # same size, same inode: the mtime tells
     assert files_version(path) != before
     assert files_version(MODEL_DIR) == files_version(MODEL_DIR)
     assert len(files_version(MODEL_DIR)) > 3  # every file of a diffusers folder
@@ -173,7 +173,7 @@ def test_the_model_store_reloads_a_checkpoint_replaced_under_its_name(tmp_path):
 
     first = asyncio.run(current())
     assert asyncio.run(current()) is first
-    _altered_checkpoint(tmp_path / "swap.safetensors")
+    altered_checkpoint(tmp_path / "swap.safetensors")
     second = asyncio.run(current())
     assert second is not first and store.version_of(second) != store.version_of(first)
     assert torch.allclose(second.unet.conv_out.weight, first.unet.conv_out.weight * 0.7, atol=1e-6)
