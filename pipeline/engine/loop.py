@@ -85,7 +85,7 @@ class DenoiseEngine:
         try:
             return await request.future
         except asyncio.CancelledError:
-            request.cancelled = True  # the loop drops it before its next step
+            # the future is cancelled with the caller: the loop drops it before its next step
             self._wake.set()
             raise
 

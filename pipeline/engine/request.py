@@ -53,7 +53,6 @@ class ActiveRequest:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     last_stepped: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
 
     @classmethod
     def admit(cls, model: DiffusionModel, trajectory: Trajectory, adapters: LoraSet,
@@ -64,6 +63,12 @@ class ActiveRequest:
         key = (id(model), adapters, tuple(latents.shape), latents.dtype)
         return cls(model.name, key, adapters, trajectory.rows, len(trajectory.timesteps), future,
                    on_step)
+
+    @property
+    def cancelled(self) -> bool:
+        """Its caller went away: cancelling the task awaiting ``future`` cancels the future, at
+        once, before that task runs again (a flag it set would come a loop turn late)."""
+        return self.future.cancelled()
 
     @property
     def done(self) -> bool:

@@ -117,6 +117,27 @@ def test_cancelled_request_stops_using_the_unet(builtin_model):
     assert record.steps_done < 20
 
 
+def test_a_request_is_counted_cancelled_even_if_the_loop_drops_it_first(builtin_model):
+    """Cancelling a caller cancels the future it awaits at once; the loop may drop the request
+    before the caller's task runs again, and must still count it as cancelled."""
+    (long,) = _requests(builtin_model)[:1]
+    long = long._replace(params=DenoiseParams(64, 64, steps=200, seed=1))
+
+    async def run() -> int:
+        engine = DenoiseEngine(max_batch_rows=8)
+        task = asyncio.ensure_future(engine.submit(builtin_model, *long))
+        while engine.forwards < 1:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        engine._drop_cancelled()  # before the cancelled task has run its except clause
+        cancelled = engine.cancelled
+        await asyncio.gather(task, return_exceptions=True)
+        await engine.close()
+        return cancelled
+
+    assert asyncio.run(run()) == 1
+
+
 def test_requests_with_different_loras_in_flight_at_once_each_get_their_solo_result(builtin_model, tmp_path):
     from pipeline.library import LoraLibrary
     from pipeline.lora import AdapterManager
