@@ -135,7 +135,7 @@ A1111_CASES = [
     (_with(GOOD, steps=0), 422, "steps"),
     (_with(GOOD, sampler_name="Euler\ud800"), 422, "sampler_name"),
     (_with(GOOD, sampler_name="Heun++"), 422, "sampler_name"),
-    (_with(GOOD, scheduler="exponential"), 422, "scheduler"),
+    (_with(GOOD, scheduler="no-such-schedule"), 422, "scheduler"),
     (_with(GOOD, override_settings={"sd_model_checkpoint": ["tiny-shapes"]}), 422,
      "override_settings.sd_model_checkpoint"),
     (_with(GOOD, override_settings={"sd_model_checkpoint": {"name": "tiny-shapes"}}), 422,
