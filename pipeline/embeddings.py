@@ -15,7 +15,6 @@ the vectors reach the text encoders is ``pipeline.prompt_tokens``.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -26,7 +25,7 @@ import torch
 from cachetools import LRUCache
 from safetensors import safe_open
 
-from pipeline.errors import InvalidRequestError, NotFoundError
+from pipeline.errors import InvalidRequestError
 from pipeline.library import FileVersion, _Folder, files_version
 from pipeline.model import DiffusionModel, Family
 from pipeline.pickles import PICKLE_SUFFIXES, SAFETENSORS, refusal
@@ -215,13 +214,7 @@ class EmbeddingLibrary(_Folder):
         by default) for a name with a path in it, one that leads out of the folder, or a pickle."""
         try:
             stem = self._checked(name).removesuffix(SAFETENSORS)
-            path = self.folder / f"{stem}{SAFETENSORS}"
-            if os.path.lexists(path):
-                resolved = self._inside(path, name)
-                if resolved.is_file():
-                    return resolved
-            self._refuse_pickle(stem)
-            raise NotFoundError(self.field, f"no embedding named {stem!r}")
+            return self._safetensors_file(stem, stem)
         except InvalidRequestError as error:
             if field is None or field == error.field:
                 raise

@@ -55,6 +55,17 @@ class _Folder:
                       if p.name.endswith(suffix) and not p.name.startswith(".") and p.is_file()
                       and p.resolve().is_relative_to(root))
 
+    def _safetensors_file(self, stem: str, name: str) -> Path:
+        """The folder's ``<stem>.safetensors`` (inside it, a file), else NotFoundError naming
+        ``name``; a pickle of that stem is refused as such instead."""
+        path = self.folder / f"{stem}{SAFETENSORS}"
+        if os.path.lexists(path):
+            resolved = self._inside(path, name)
+            if resolved.is_file():
+                return resolved
+        self._refuse_pickle(stem)
+        raise NotFoundError(self.field, f"no {self.kind} named {name!r}")
+
     def _refuse_pickle(self, stem: str) -> None:
         """A name whose only file is a pickle is the caller's mistake (4xx), said as such."""
         path = pickle_named(self.folder, stem)
@@ -76,14 +87,7 @@ class LoraLibrary(_Folder):
     def resolve(self, name: str) -> Path:
         """The LoRA file that ``name`` (with or without ``.safetensors``) stands for."""
         stem = self._checked(name).removesuffix(SAFETENSORS)
-        path = self.folder / f"{stem}{SAFETENSORS}"
-        if not os.path.lexists(path):
-            self._refuse_pickle(stem)
-            raise NotFoundError(self.field, f"no LoRA named {stem!r}")
-        resolved = self._inside(path, name)
-        if not resolved.is_file():
-            raise NotFoundError(self.field, f"no LoRA named {stem!r}")
-        return resolved
+        return self._safetensors_file(stem, stem)
 
 
 class CheckpointLibrary(_Folder):
@@ -113,14 +117,7 @@ class CheckpointLibrary(_Folder):
         folder = self.folder / name
         if (folder / "model_index.json").is_file():
             return self._inside(folder, name)
-        stem = name.removesuffix(SAFETENSORS)
-        path = self.folder / f"{stem}{SAFETENSORS}"
-        if os.path.lexists(path):
-            resolved = self._inside(path, name)
-            if resolved.is_file():
-                return resolved
-        self._refuse_pickle(stem)
-        raise NotFoundError(self.field, f"no model named {name!r}")
+        return self._safetensors_file(name.removesuffix(SAFETENSORS), name)
 
 
 FileVersion = tuple[tuple[str, int, int, int], ...]
