@@ -48,13 +48,15 @@ class Denoiser(StageReplica):
         return await self._denoise(encoded, params, init)
 
     async def denoise_stream(self, encoded: Encoded, params: DenoiseParams,
-                             init: InitImage | None = None) -> AsyncIterator[StepProgress | Denoised]:
+                             init: InitImage | None = None, previews: bool = False
+                             ) -> AsyncIterator[StepProgress | Denoised]:
         """``denoise`` for a caller that shows progress (``handle.options(stream=True)``): yields
-        a ``StepProgress`` after every step, then the ``Denoised`` with its latents by reference.
+        a ``StepProgress`` after every step (with the image's look so far if ``previews``), then
+        the ``Denoised`` with its latents by reference.
         Closing the stream (the caller went away) drops the request before its next step."""
         def work(report: Report[StepProgress]) -> Awaitable[Denoised]:
-            return self._denoise(encoded, params, init,
-                                 on_step=lambda done, total: report(StepProgress(done, total)))
+            return self._denoise(encoded, params, init, previews=previews,
+                                 on_step=lambda *step: report(StepProgress(*step)))
 
         async with ReportingTask(work) as task:
             async for progress in task.reports():
@@ -63,10 +65,11 @@ class Denoiser(StageReplica):
         yield dataclasses.replace(denoised, latents=ray.put(denoised.latents))
 
     async def _denoise(self, encoded: Encoded, params: DenoiseParams, init: InitImage | None,
-                       on_step: OnStep | None = None) -> Denoised:
+                       on_step: OnStep | None = None, previews: bool = False) -> Denoised:
         model = await self.get_model(encoded.model)
         result = await self.engine.submit(model, encoded.conditioning, params,
-                                          adapters=encoded.loras, on_step=on_step, init=init)
+                                          adapters=encoded.loras, on_step=on_step, init=init,
+                                          previews=previews)
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from ray import ObjectRef
 
@@ -50,6 +51,7 @@ class StepProgress:
 
     step: int  # steps done so far
     steps: int  # steps in all
+    preview: np.ndarray | None = None  # (h, w, 3) uint8 at latent size, when asked for
 
 
 @dataclass

@@ -14,6 +14,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -22,6 +23,7 @@ from pipeline.conditioning import Conditioning
 from pipeline.errors import InvalidRequestError
 from pipeline.init_image import InitImage, inpainting_conditioning
 from pipeline.model import DiffusionModel
+from pipeline.preview import LatentRGB
 from pipeline.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, make_sampler
 from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.unet.first_block_cache import FirstBlockCache
@@ -134,6 +136,8 @@ class Trajectory:
         self.cache = FirstBlockCache(params.cache).new_state(len(self.timesteps)) if params.cache else None
         self.diverged_at: int | None = None  # the step after which the latents were not finite
         self.final: torch.Tensor | None = None  # the finished latents, on the CPU
+        self.previewer: LatentRGB | None = None  # set by a caller that watches the steps
+        self.preview: np.ndarray | None = None  # the latest step's look, (h, w, 3) uint8
         self._finite = FiniteWatch()
         if self.done:  # an init image at strength 0: nothing to denoise
             self._finish()
@@ -193,9 +197,12 @@ class Trajectory:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + self.params.guidance_scale * (cond - uncond)
         t = self.timesteps[self.step_index]
-        self.latents = self.sampler.step(noise_pred, t, self.latents, **self._step_kwargs,
-                                         return_dict=False)[0]
+        stepped = self.sampler.step(noise_pred, t, self.latents, **self._step_kwargs,
+                                    return_dict=False)
+        self.latents = stepped[0]
         self.step_index += 1
+        if self.previewer is not None:
+            self._preview(stepped)
         if self.init is not None and self.init.mask is not None and self._extra is None:
             self._keep_unmasked()  # an inpainting UNet keeps them itself
         if self.cache is not None and self.cache.step_index != self.step_index:
@@ -203,6 +210,14 @@ class Trajectory:
         found = self._finish() if self.done else self._finite.watch(self.latents, self.step_index)
         if self.diverged_at is None:
             self.diverged_at = found
+
+    def _preview(self, stepped: tuple) -> None:
+        """The step's look: of the sampler's estimate of the final image where it gives one
+        (Euler, DDIM, Heun...: what A1111 and ComfyUI preview), else of the latents."""
+        estimate = stepped[1] if len(stepped) > 1 else None
+        if not isinstance(estimate, torch.Tensor) or estimate.shape != self.latents.shape:
+            estimate = self.latents
+        self.preview = self.previewer(estimate[0])
 
     def _finish(self) -> int | None:
         """The latents to the CPU (the one wait for the device a request costs, here on the

@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
+from pipeline.preview import read_latent_rgb
 from pipeline.model import (COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders,
                             text_encoder_parts)
 
@@ -54,7 +55,8 @@ def _read(path: Path) -> tuple[dict[str, Any], ModelConfigs]:
 
     return index, ModelConfigs.with_index(family, index, unet=read("unet/config.json"),
                                           vae=read("vae/config.json"),
-                                          scheduler=read("scheduler/scheduler_config.json"))
+                                          scheduler=read("scheduler/scheduler_config.json"),
+                                          latent_rgb=read_latent_rgb(path))
 
 
 def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,

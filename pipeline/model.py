@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from pipeline.errors import MissingComponentError
+from pipeline.preview import FAMILY_LATENT_RGB, LatentRGB
 
 Family = Literal["sd15", "sdxl"]
 Component = Literal["text_encoders", "unet", "vae"]
@@ -54,14 +55,21 @@ class ModelConfigs:
     vae: dict[str, Any]
     scheduler: dict[str, Any]
     force_zeros_for_empty_prompt: bool
+    own_latent_rgb: LatentRGB | None = None  # a VAE not the family's brings its preview map
+
+    @property
+    def latent_rgb(self) -> LatentRGB:
+        """The linear latent-to-RGB map of the step previews."""
+        return self.own_latent_rgb or FAMILY_LATENT_RGB[self.family]
 
     @classmethod
     def with_index(cls, family: Family, model_index: dict[str, Any], *, unet: dict[str, Any],
-                   vae: dict[str, Any], scheduler: dict[str, Any]) -> ModelConfigs:
+                   vae: dict[str, Any], scheduler: dict[str, Any],
+                   latent_rgb: LatentRGB | None = None) -> ModelConfigs:
         """The configs, the empty-prompt rule from ``model_index.json``'s entries; where they do
         not say, diffusers' pipelines' own default (SDXL zeroes it, SD1.5 encodes it)."""
         force_zeros = bool(model_index.get("force_zeros_for_empty_prompt", family == "sdxl"))
-        return cls(family, unet, vae, scheduler, force_zeros)
+        return cls(family, unet, vae, scheduler, force_zeros, latent_rgb)
 
     @property
     def description(self) -> ModelDescription:

@@ -15,9 +15,11 @@ import json
 import time
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.images import encode_png
 from pipeline.prompt_loras import parse_prompt_loras
 from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, resolve_sampler
 from pipeline.upscale import canonical_upscaler
@@ -52,7 +54,7 @@ class OverrideSettings(BaseModel):
 
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img. Defaults are the A1111 web UI's; A1111 fields Raydiance does not
-    implement (hires fix, restore_faces, alwayson_scripts, ...) are accepted and ignored, as A1111
+    implement (restore_faces, alwayson_scripts, tiling, ...) are accepted and ignored, as A1111
     does: dropped while parsing, so they are never echoed back in ``parameters``."""
 
     model_config = ConfigDict(extra="ignore")
@@ -252,6 +254,7 @@ class _Job:
     done: list[int]
     task: asyncio.Task | None = None  # the stage work, cancelled by /interrupt and /skip
     stopped: str | None = None  # "interrupted" or "skipped"
+    preview: np.ndarray | None = None  # the latest step's look, for ``current_image``
 
     def stop(self, how: str) -> None:
         self.stopped = how
@@ -262,6 +265,8 @@ class _Job:
         """A step of ``image`` done; the total is the Denoiser's: UNet evaluations, 2 per step
         but the last for second-order samplers (Heun, DPM2), fewer with an init image."""
         self.steps, self.done[image] = progress.steps, progress.step
+        if progress.preview is not None:
+            self.preview = progress.preview
 
 
 class A1111Api:
@@ -301,7 +306,8 @@ class A1111Api:
         job_id, job = next(self._job_ids), _Job(generation.steps, [0] * generation.count)
         self.jobs[job_id] = job
         self.stopped = None  # A1111 clears its flags when a job begins
-        job.task = asyncio.ensure_future(self.serving.generate(generation, on_step=job.report))
+        job.task = asyncio.ensure_future(self.serving.generate(generation, on_step=job.report,
+                                                               previews=True))
         try:
             with in_callers_terms(field_names(body)):  # a stage's refusal, in A1111's names
                 return await job.task
@@ -333,14 +339,17 @@ class A1111Api:
         if options.CLIP_stop_at_last_layers is not None:
             self.options["CLIP_stop_at_last_layers"] = options.CLIP_stop_at_last_layers
 
-    def progress(self) -> dict[str, Any]:
-        """Step progress of the txt2img requests in flight on this replica."""
+    def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """Step progress of the txt2img and img2img requests in flight on this replica, with
+        the latest one's look so far (a latent preview, latent-sized) as ``current_image``."""
         jobs = list(self.jobs.values())
         total = sum(job.steps * len(job.done) for job in jobs)
         finished = sum(sum(job.done) for job in jobs)
         latest = jobs[-1] if jobs else _Job(0, [0])
         return {"progress": finished / total if total else 0.0, "eta_relative": 0.0,
-                "current_image": None, "textinfo": None,
+                "current_image": None if skip_current_image or latest.preview is None
+                else base64.b64encode(encode_png(latest.preview)).decode("ascii"),
+                "textinfo": None,
                 "state": {"skipped": self.stopped == "skipped",
                           "interrupted": self.stopped == "interrupted", "job": "",
                           "job_count": len(jobs), "job_timestamp": "0", "job_no": 0,
@@ -398,8 +407,8 @@ async def skip(api: Api) -> None:
 
 
 @router.get("/progress")
-async def progress(api: Api) -> dict[str, Any]:
-    return api.progress()
+async def progress(api: Api, skip_current_image: bool = False) -> dict[str, Any]:
+    return api.progress(skip_current_image)
 
 
 @router.get("/sd-models")

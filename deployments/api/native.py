@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
+from pipeline.images import encode_png
 from pipeline.samplers import DEFAULT_SAMPLER
 
 from deployments.api.embeddings import native_embeddings
@@ -27,7 +28,7 @@ from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQ
                                       ResizeMode, Seed, Steps, Strength, Text, lora_pairs)
 from deployments.api.serving import Serving
 from deployments.settings import Limits
-from deployments.messages import Decoded
+from deployments.messages import Decoded, StepProgress
 from deployments.reporting import ReportingTask
 
 logger = logging.getLogger("ray.serve")
@@ -60,6 +61,8 @@ class GenerateRequest(BaseModel):
     inpainting_mask_invert: bool = False
     inpainting_fill: FillIndex = 1
     resize_mode: ResizeMode = 0
+    # streaming: each step event carries a small PNG of the image so far (latent-sized)
+    previews: bool = False
 
 
 def to_generation(body: GenerateRequest, models: ServedModels) -> Generation:
@@ -85,6 +88,14 @@ def _init_request(body: GenerateRequest, limits: Limits) -> InitRequest | None:
     return InitRequest(decode_image(body.init_image, "init_image", limits), body.strength, mask,
                        body.resize_mode, body.mask_blur, body.inpainting_mask_invert,
                        FILLS[body.inpainting_fill])
+
+
+def step_event(progress: StepProgress) -> dict[str, Any]:
+    """A step event's data: the step, and the preview when there is one."""
+    event: dict[str, Any] = {"step": progress.step, "steps": progress.steps}
+    if progress.preview is not None:
+        event["preview"] = base64.b64encode(encode_png(progress.preview)).decode("ascii")
+    return event
 
 
 def step_headers(images: list[Decoded]) -> dict[str, str]:
@@ -121,17 +132,20 @@ class NativeApi:
     async def stream(self, body: GenerateRequest) -> EventSourceResponse:
         # a bad request is refused before streaming
         generation = await asyncio.to_thread(to_generation, body, self.models)
-        return EventSourceResponse(self._events(generation), ping=PING_S,
+        return EventSourceResponse(self._events(generation, body.previews), ping=PING_S,
                                    headers={"x-raydiance-seed": str(generation.seed)})
 
-    async def _events(self, generation: Generation) -> AsyncIterator[JSONServerSentEvent]:
-        """``step`` per denoising step, then ``image``; or ``error`` once streaming has begun.
+    async def _events(self, generation: Generation,
+                      previews: bool) -> AsyncIterator[JSONServerSentEvent]:
+        """``step`` per denoising step (with ``preview``, a base64 PNG, if asked), then
+        ``image``; or ``error`` once streaming has begun.
         A client gone cancels this generator, and leaving the ``ReportingTask`` cancels the
         stages' work."""
         async with ReportingTask(lambda report: self.serving.generate(
-                generation, on_step=lambda _, progress: report(progress))) as task:
+                generation, on_step=lambda _, progress: report(progress),
+                previews=previews)) as task:
             async for progress in task.reports():
-                yield JSONServerSentEvent({"step": progress.step, "steps": progress.steps}, event="step")
+                yield JSONServerSentEvent(step_event(progress), event="step")
             try:
                 images = task.result()
             except ApiError as error:

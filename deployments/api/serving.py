@@ -55,10 +55,12 @@ class Serving:
     def __init__(self, stages: Stages, timeout_s: float) -> None:
         self.stages, self.timeout_s = stages, timeout_s
 
-    async def generate(self, generation: Generation, on_step: OnStep | None = None) -> list[Decoded]:
-        """One ``Decoded`` per seed of ``generation.seeds()``; ``on_step`` hears of every step.
-        A stage's failure is raised as the answer it deserves (``faults.translate``)."""
-        calls = StageCalls(self.stages.holding(generation.model))
+    async def generate(self, generation: Generation, on_step: OnStep | None = None,
+                       previews: bool = False) -> list[Decoded]:
+        """One ``Decoded`` per seed of ``generation.seeds()``; ``on_step`` hears of every step,
+        with the image's look so far if ``previews``. A stage's failure is raised as the answer
+        it deserves (``faults.translate``)."""
+        calls = StageCalls(self.stages.holding(generation.model), previews)
         try:
             return await asyncio.wait_for(calls.generate(generation, on_step), self.timeout_s)
         except BaseException as error:
@@ -73,8 +75,8 @@ class Serving:
 class StageCalls:
     """The stage calls made for one request: kept, so that all of them can be cancelled."""
 
-    def __init__(self, stages: Stages) -> None:
-        self.stages = stages
+    def __init__(self, stages: Stages, previews: bool = False) -> None:
+        self.stages, self.previews = stages, previews
         self.made: list[DeploymentResponse] = []
 
     def _kept(self, response: T) -> T:
@@ -145,8 +147,8 @@ class StageCalls:
                                 on_step: Callable[[StepProgress], None]) -> Denoised:
         """The Denoiser's progress stream read: a ``StepProgress`` per step, then the
         ``Denoised`` whose latents are an object reference, handed on unread."""
-        stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(encoded, params,
-                                                                                 init)
+        stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(
+            encoded, params, init, self.previews)
         denoised = None
         try:
             async for item in stream:

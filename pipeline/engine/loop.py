@@ -57,10 +57,11 @@ class DenoiseEngine:
 
     async def submit(self, model: DiffusionModel, conditioning: Conditioning, params: DenoiseParams,
                      adapters: LoraSet = (), on_step: OnStep | None = None,
-                     init: InitImage | None = None) -> EngineResult:
+                     init: InitImage | None = None, previews: bool = False) -> EngineResult:
         """Denoise one image, from noise or from ``init`` (image to image, inpainting).
         ``adapters`` names its LoRA set (only equal sets share a forward); ``on_step(done,
-        total)`` hears of every step. A LoRA set that cannot be loaded fails here, before the
+        total, preview)`` hears of every step, ``preview`` the image's look so far ((h, w, 3)
+        uint8, latent-sized) when ``previews`` is asked for, else None. A LoRA set that cannot be loaded fails here, before the
         request joins any step."""
         loop = asyncio.get_running_loop()
         try:
@@ -71,6 +72,8 @@ class DenoiseEngine:
             self.cancelled += 1
             self.observer.on_cancelled(model.name)
             raise
+        if previews:
+            trajectory.previewer = model.configs.latent_rgb
         request = ActiveRequest.admit(model, trajectory, adapters, loop.create_future(), on_step)
         if request.done:  # no step to take (strength 0)
             request.started = time.perf_counter()
@@ -146,7 +149,7 @@ class DenoiseEngine:
                 logger.info("request %d diverged after step %d", request.id, trajectory.diverged_at)
                 self._finish(request, error=request.diverged(trajectory.diverged_at))
                 continue
-            request.advance(now)
+            request.advance(now, trajectory.preview)
             if request.done:
                 self._finish(request)
 

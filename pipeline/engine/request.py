@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
+import numpy as np
 import torch
 
 from pipeline.denoise import Trajectory
@@ -23,7 +24,7 @@ from pipeline.model import DiffusionModel
 logger = logging.getLogger(__name__)
 _ids = itertools.count()
 
-OnStep = Callable[[int, int], None]  # (steps done, steps total), for progress
+OnStep = Callable[[int, int, np.ndarray | None], None]  # (steps done, of, preview) for progress
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,13 @@ class ActiveRequest:
     def done(self) -> bool:
         return self.steps_done >= self.steps_total
 
-    def advance(self, now: float) -> None:
+    def advance(self, now: float, preview: np.ndarray | None = None) -> None:
         """One step of this request ran: the one place its record moves (and its caller hears)."""
         self.steps_done += 1
         self.last_stepped = now
         if self.on_step is not None:
             try:
-                self.on_step(self.steps_done, self.steps_total)
+                self.on_step(self.steps_done, self.steps_total, preview)
             except Exception:  # noqa: BLE001 - a progress listener must not stop the denoising
                 logger.exception("on_step callback failed")
 

@@ -204,7 +204,8 @@ def test_unknown_a1111_fields_are_ignored_and_not_echoed(service):
     assert response.status_code == 200, response.text
     parameters = response.json()["parameters"]
     assert {"alwayson_scripts", "styles", "comment"}.isdisjoint(parameters)
-    assert parameters["override_settings"] == {"sd_model_checkpoint": "tiny-shapes", "cache": None}
+    assert parameters["override_settings"] == {"sd_model_checkpoint": "tiny-shapes",
+                                              "CLIP_stop_at_last_layers": None, "cache": None}
 
 
 def test_the_service_still_serves_every_dialect(service):

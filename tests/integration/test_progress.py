@@ -8,9 +8,11 @@ import time
 
 import httpx
 import numpy as np
+from PIL import Image
 
 from tests.integration.conftest import png_pixels
 from tests.integration.test_engine_http import denoiser_stats
+from tools.tiny_shapes.world import classify
 
 PROMPT = "a yellow square on a purple background"
 
@@ -42,6 +44,18 @@ def test_the_stream_reports_every_step_then_the_same_image_as_generate(service):
     streamed = png_pixels(base64.b64decode(image["png_base64"]))
     assert np.abs(streamed.astype(int) - png_pixels(plain.content).astype(int)).max() <= 1
     assert int(plain.headers["x-raydiance-steps-cached"]) == image["steps_cached"]
+    assert all("preview" not in s for s in steps)  # only when asked for
+
+
+def test_stream_previews_show_the_image_forming(service):
+    body = {"prompt": PROMPT, "seed": 22, "steps": 10, "previews": True}
+    with service.client.stream("POST", "/v1/generate/stream", json=body) as response:
+        steps = [data for name, data in read_events(response) if name == "step"]
+    previews = [png_pixels(base64.b64decode(s["preview"])) for s in steps]
+    assert len(previews) == 10 and previews[0].shape == (16, 16, 3)  # latent-sized: 64 / 4
+    assert not np.array_equal(previews[0], previews[-1])
+    last = Image.fromarray(previews[-1]).resize((64, 64))
+    assert classify(last) == ("yellow", "purple")
 
 
 def test_a_bad_stream_request_is_refused_before_streaming(service):
@@ -69,11 +83,17 @@ def test_a1111_progress_moves_while_txt2img_runs(service):
     result: list[httpx.Response] = []
     caller = threading.Thread(target=lambda: result.append(service.client.post("/sdapi/v1/txt2img", json=body)))
     caller.start()
-    seen = []
+    seen, previews, skipped = [], [], []
     deadline = time.monotonic() + 120
     while caller.is_alive() and time.monotonic() < deadline:
-        state = service.client.get("/sdapi/v1/progress").json()
+        skip = len(seen) % 2 == 1  # every other poll says skip_current_image
+        state = service.client.get("/sdapi/v1/progress",
+                                   params={"skip_current_image": str(skip).lower()}).json()
         seen.append((state["progress"], state["state"]["sampling_step"], state["state"]["sampling_steps"]))
+        if skip:
+            skipped.append(state["current_image"])
+        elif state["current_image"]:
+            previews.append(png_pixels(base64.b64decode(state["current_image"])))
         time.sleep(0.1)
     caller.join(timeout=120)
     assert result and result[0].status_code == 200, result
@@ -81,5 +101,7 @@ def test_a1111_progress_moves_while_txt2img_runs(service):
     assert midway, seen
     assert all(steps == 40 and 0 < step < 40 for _, step, steps in midway)
     assert [p for p, _, _ in midway] == sorted(p for p, _, _ in midway)  # it only moves forward
+    assert previews and previews[-1].shape == (48, 48, 3)  # current_image: the latents' look
+    assert skipped and all(image is None for image in skipped)
     idle = service.client.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0

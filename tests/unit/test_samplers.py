@@ -150,7 +150,7 @@ def test_second_order_steps_count_unet_evaluations_and_the_cache_is_sized_to_the
         params = DenoiseParams(64, 64, steps=6, seed=3, sampler=sampler, cache=cache)
         progress.clear()
         (result,) = _run(builtin_model, [(conditioning, params)],
-                         lambda done, total: progress.append((done, total)))
+                         lambda done, total, _: progress.append((done, total)))
         assert progress[-1] == (11, 11) and len(progress) == 11
         assert result.steps_computed + result.steps_cached == 11 and result.steps_cached > 0
     plms = DenoiseParams(64, 64, steps=6, seed=3, sampler="PLMS")
