@@ -1,7 +1,8 @@
 """The application builder: ``import_path: deployments.app:build_app`` in serve_config.yaml.
 
 Validates the ``args`` (``AppArgs``), makes model paths absolute, reads each model's metadata
-for the Ingress, picks each stage's placement, and binds the four deployments together.
+for the Ingress, picks each stage's placement, and binds the deployments together: the three
+stages, the job queue over them, and the Ingress.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ray import serve
 from deployments.api.ingress import Ingress, IngressSettings
 from deployments.api.model_aliases import checked_aliases
 from deployments.denoiser import Denoiser
+from deployments.job_queue import JobQueue
 from deployments.placement import actor_options
 from deployments.settings import AppArgs, StageSettings, resolve_model_path
 from deployments.text_encoder import TextEncoder
@@ -67,9 +69,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     text_encoder = place(TextEncoder).bind(stage, parsed.text_encoder)
     denoiser = place(Denoiser).bind(stage, parsed.denoiser)
     vae_decoder = place(VAEDecoder).bind(stage, parsed.vae_decoder)
+    job_queue = place(JobQueue).bind(text_encoder, denoiser, vae_decoder, parsed.jobs,
+                                     parsed.request_timeout_s)
     aliases = checked_aliases(parsed.model_aliases, stage.catalog().names(), stage.default_model)
     settings = IngressSettings(stage=stage, limits=parsed.limits,
                                request_timeout_s=parsed.request_timeout_s, auth=parsed.auth,
                                cors=parsed.cors, backpressure=parsed.backpressure,
-                               model_aliases=aliases)
-    return place(Ingress).bind(text_encoder, denoiser, vae_decoder, settings)
+                               model_aliases=aliases, jobs=parsed.jobs)
+    return place(Ingress).bind(text_encoder, denoiser, vae_decoder, job_queue, settings)

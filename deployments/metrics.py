@@ -109,6 +109,15 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in (
     _spec("raydiance_replica_model_bytes", "gauge", "Tensor bytes a replica holds, by model and "
           "component (text_encoder, text_encoder_2, unet, vae; LoRA adapters count in the "
           "component that took them): each stage holds only its own part.", ("model", "component")),
+    # Jobs (JobQueue).
+    _spec("raydiance_jobs", "gauge", "Jobs the registry holds, by status (queued, running, "
+          "succeeded, failed, cancelled).", ("status",)),
+    _spec("raydiance_jobs_finished", "counter", "Jobs finished, by status (succeeded, failed, "
+          "cancelled).", ("status",)),
+    _spec("raydiance_job_queue_seconds", "histogram", "Time a job waited in the queue before "
+          "it was admitted to the Denoisers.", (), STAGE_BUCKETS_S),
+    _spec("raydiance_job_image_bytes", "gauge", "PNG bytes the job registry stores (bounded by "
+          "jobs.image_bytes)."),
 )}
 
 _created: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from deployments.api.protocol import MAX_SIDE, ImageCount, ImageSide, Name, Step
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_MODEL_DIR = PROJECT_ROOT / "models" / "tiny-shapes"
 """The built-in model (tiny-shapes) in a source checkout (installed with ``pip install -e``)."""
-STAGES = ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder")
+STAGES = ("Ingress", "TextEncoder", "Denoiser", "VAEDecoder", "JobQueue")
 
 
 class _Strict(BaseModel):
@@ -93,7 +93,8 @@ ActorOptions = dict[str, Any]
 def _cpu_placement() -> dict[str, ActorOptions]:
     # Fractions that fit 2 cores with room for a second Denoiser replica when autoscaling.
     return {"Ingress": {"num_cpus": 0.1}, "TextEncoder": {"num_cpus": 0.1},
-            "Denoiser": {"num_cpus": 0.8}, "VAEDecoder": {"num_cpus": 0.1}}
+            "Denoiser": {"num_cpus": 0.8}, "VAEDecoder": {"num_cpus": 0.1},
+            "JobQueue": {"num_cpus": 0.05}}
 
 
 def _gpu_placement() -> dict[str, ActorOptions]:
@@ -101,7 +102,8 @@ def _gpu_placement() -> dict[str, ActorOptions]:
     return {"Ingress": {"num_cpus": 0.1},
             "TextEncoder": {"num_cpus": 0.5, "num_gpus": 0.25},
             "Denoiser": {"num_cpus": 1.0, "num_gpus": 1.0},
-            "VAEDecoder": {"num_cpus": 0.5, "num_gpus": 0.25}}
+            "VAEDecoder": {"num_cpus": 0.5, "num_gpus": 0.25},
+            "JobQueue": {"num_cpus": 0.1}}
 
 
 class Placement(_Strict):
@@ -121,6 +123,19 @@ class Placement(_Strict):
                 raise ValueError(f"placement.{kind}: unknown stage(s) {sorted(unknown)}; "
                                  f"stages are {', '.join(STAGES)}")
         return self
+
+
+class JobSettings(_Strict):
+    """The job registry's bounds: nothing it keeps grows without limit."""
+
+    ttl_s: PositiveFloat = 3600.0  # a finished job and its images are dropped this long after
+    max_queued: PositiveInt = 256  # beyond: 429 with Retry-After
+    max_running: PositiveInt = 16  # jobs admitted to the Denoisers at once; the rest wait in order
+    max_jobs: PositiveInt = 10000  # records kept; beyond, the oldest finished ones go
+    image_bytes: PositiveInt = 512 << 20  # PNG bytes stored; beyond, the oldest finished jobs go
+    # Image URLs start with this (e.g. https://images.example.com); absent: the request's own
+    # scheme and host, as the Ingress saw them.
+    public_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
 
 
 class AppArgs(_Strict):
@@ -155,6 +170,7 @@ class AppArgs(_Strict):
     cors: CorsSettings = Field(default_factory=CorsSettings)
     # Work requests one Ingress replica holds at once; beyond: 503 (or 429) with Retry-After.
     backpressure: BackpressureSettings = Field(default_factory=BackpressureSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @model_validator(mode="after")
     def _something_is_served(self) -> "AppArgs":

@@ -5,8 +5,8 @@ clients) and as HTTP Basic whose password is the key, any user name (A1111 clien
 sends ``Authorization: Basic``). Anything else is a 401 in the API's JSON error shape with a
 ``WWW-Authenticate`` challenge for both schemes, counted in ``raydiance_auth_failures`` by
 reason. Open without a key: ``/healthz`` (health checks) and the API's description
-(``/openapi.json``, ``/docs``, ``/redoc``), which holds no model names, keys or data; CORS
-preflights (browsers never send credentials on them).
+(``/openapi.json``, ``/docs``, ``/redoc``), which holds no model names, keys or data; the page
+at ``/`` (static: it asks for the key and sends it with every call it makes); CORS preflights (browsers never send credentials on them).
 
 Both are plain ASGI middleware (Starlette's BaseHTTPMiddleware breaks 499 accounting, see
 ``middleware.py``): inside the metrics and request-id layers (a 401 is counted and carries its
@@ -137,7 +137,8 @@ def _route_path(scope: Scope) -> str:
 
 def open_paths(app: FastAPI) -> frozenset[str]:
     docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/healthz", *(path for path in docs if path)})
+    # "/" is the page for people: static, no data; it asks for a key and sends it with each call
+    return frozenset({"/", "/healthz", *(path for path in docs if path)})
 
 
 UNAUTHORIZED = {"description": "No API key, a wrong one, or malformed credentials (WWW-Authenticate "

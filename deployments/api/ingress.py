@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from pipeline.embeddings import EmbeddingLibrary
 from pipeline.library import LoraLibrary
 
-from deployments.api import a1111, a1111_tools, native, openai
+from deployments.api import a1111, a1111_tools, jobs, native, openai, page
 from deployments.api.admission import BackpressureSettings
 from deployments.api.auth import CorsSettings, install_access_control
 from deployments.api.errors import install_error_handlers
@@ -23,7 +23,7 @@ from deployments.api.generation import ServedModels
 from deployments.api.keys import AuthSettings
 from deployments.api.middleware import install_guards, install_middleware
 from deployments.api.serving import Serving, Stages
-from deployments.settings import Limits, StageSettings
+from deployments.settings import JobSettings, Limits, StageSettings
 
 TEXT_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
 
@@ -42,19 +42,25 @@ class IngressSettings(BaseModel):
     cors: CorsSettings = CorsSettings()
     backpressure: BackpressureSettings = BackpressureSettings()
     model_aliases: dict[str, str] = {}  # alias -> served model (checked by the app builder)
+    jobs: JobSettings = JobSettings()
 
 
-def build_api(serving: Serving, models: ServedModels, settings: IngressSettings) -> FastAPI:
-    """The HTTP API over ``serving`` and ``models``; OpenAPI at ``/openapi.json``.
+def build_api(serving: Serving, models: ServedModels, settings: IngressSettings,
+              job_queue: DeploymentHandle | None = None) -> FastAPI:
+    """The HTTP API over ``serving``, ``models`` and the ``job_queue``; OpenAPI at
+    ``/openapi.json``, the page for people at ``/``.
 
     Its layers, outermost first: metrics, request id, error boundary (the 500s), CORS and the
     key check, admission (backpressure), the body limit, then FastAPI's own error handlers."""
     app = FastAPI(title="Raydiance", description="Stable Diffusion-family models on Ray Serve",
                   version="0.1.0")
-    for router in (native.router, openai.router, a1111.router, a1111_tools.router):
+    for router in (page.router, native.router, jobs.router, openai.router, a1111.router,
+                   a1111_tools.router):
         app.include_router(router)
+    job_client = None if job_queue is None else jobs.JobsClient(job_queue, settings.jobs)
     app.state.native = native.NativeApi(serving, models)
-    app.state.openai = openai.OpenAIApi(serving, models)
+    app.state.jobs = jobs.JobsApi(job_client, models)
+    app.state.openai = openai.OpenAIApi(serving, models, job_client)
     app.state.a1111 = a1111.A1111Api(serving, models)
     app.state.a1111_tools = a1111_tools.A1111Tools(models)
     install_error_handlers(app, settings.backpressure.retry_after_s)
@@ -70,7 +76,8 @@ def build_api(serving: Serving, models: ServedModels, settings: IngressSettings)
 @serve.ingress()
 class Ingress:
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
-                 vae_decoder: DeploymentHandle, settings: IngressSettings) -> None:
+                 vae_decoder: DeploymentHandle, job_queue: DeploymentHandle,
+                 settings: IngressSettings) -> None:
         stage = settings.stage
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
         self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
@@ -78,7 +85,7 @@ class Ingress:
                                    settings.model_aliases,
                                    EmbeddingLibrary(stage.embeddings_dir) if stage.embeddings_dir
                                    else None)
-        self.settings = settings
+        self.settings, self.job_queue = settings, job_queue
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.serving, self.models, self.settings)
+        return build_api(self.serving, self.models, self.settings, self.job_queue)

@@ -22,7 +22,7 @@ from deployments.api.errors import ApiError, error_body, internal_error_body
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.image_input import decode_image, decode_mask
 from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
-from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
+from deployments.api.protocol import (PING_S, DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
                                       SERVER_ERRORS, CacheRequest, ClipSkip, FillIndex, GuidanceScale,
                                       ImageData, ImageSide, LoraRequest, MaskBlur, Name,
                                       ResizeMode, Seed, Steps, Strength, Text, lora_pairs)
@@ -32,7 +32,6 @@ from deployments.messages import Decoded, StepProgress
 from deployments.reporting import ReportingTask
 
 logger = logging.getLogger("ray.serve")
-PING_S = 15  # a comment line this often keeps proxies from closing a quiet stream
 
 
 class GenerateRequest(BaseModel):

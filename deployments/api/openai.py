@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from deployments.api.errors import ApiError
 from deployments.api.image_input import as_rgb, decode_image, transparency_mask
 from deployments.api.init_images import InitRequest, image_size, with_init
+from deployments.api.jobs import JobsClient
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.native import step_headers
 from deployments.api.protocol import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, REQUEST_ERRORS,
@@ -50,7 +51,7 @@ class OpenAIImageRequest(BaseModel):
     n: ImageCount = 1
     size: Name | None = Field(None, description="WIDTHxHEIGHT, each side a multiple of 8 within "
                               "the server's limits, or 'auto' (absent: the model's native size)")
-    response_format: Name | None = None  # only b64_json: this server keeps no files to link to
+    response_format: Literal["b64_json", "url"] | None = None  # url: kept for jobs.ttl_s
     output_format: Name | None = None  # only png
     stream: bool | None = None  # no partial images
     negative_prompt: Text | None = None  # not OpenAI's, but Open WebUI and others send it
@@ -61,7 +62,8 @@ class OpenAIImageRequest(BaseModel):
 
 
 class OpenAIImage(BaseModel):
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None  # response_format "url": the image kept for jobs.ttl_s
     revised_prompt: str | None = None
 
 
@@ -87,10 +89,6 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
 
 def _refuse_unserved(body: OpenAIImageRequest) -> None:
     """OpenAI options this server does not offer: a 400 that says why, not a silent substitute."""
-    if body.response_format not in (None, "b64_json"):
-        raise ApiError("response_format", f"{body.response_format!r} is not served: this server "
-                       "keeps no image files to link to; ask for 'b64_json'", status=400,
-                       code="unsupported_value")
     if body.stream:
         raise ApiError("stream", "streamed partial images are not served; leave stream off",
                        status=400, code="unsupported_value")
@@ -146,11 +144,11 @@ def edit_init(form: FormData, body: OpenAIEditRequest, limits: Limits,
 
 
 class OpenAIApi:
-    def __init__(self, serving: Serving, models: ServedModels) -> None:
-        self.serving, self.models = serving, models
+    def __init__(self, serving: Serving, models: ServedModels, jobs: JobsClient | None) -> None:
+        self.serving, self.models, self.jobs = serving, models, jobs
 
-    async def edit(self, form: FormData, response: Response, *, variation: bool
-                   ) -> OpenAIImagesResponse:
+    async def edit(self, form: FormData, request: Request, response: Response, *,
+                   variation: bool) -> OpenAIImagesResponse:
         fields = {key: value for key, value in form.multi_items() if isinstance(value, str)}
         try:
             body = OpenAIEditRequest.model_validate(fields | ({"prompt": ""} if variation else {}))
@@ -165,18 +163,24 @@ class OpenAIApi:
             init = edit_init(form, body, self.models.limits, 0.6 if variation else 0.75)
             return to_generation(body, self.models, init)
 
-        return await self._answer(await asyncio.to_thread(prepare), response)
+        return await self._answer(await asyncio.to_thread(prepare), body, request, response)
 
-    async def generate(self, body: OpenAIImageRequest, response: Response) -> OpenAIImagesResponse:
+    async def generate(self, body: OpenAIImageRequest, request: Request,
+                       response: Response) -> OpenAIImagesResponse:
         generation = await asyncio.to_thread(to_generation, body, self.models)
-        return await self._answer(generation, response)
+        return await self._answer(generation, body, request, response)
 
-    async def _answer(self, generation: Generation, response: Response) -> OpenAIImagesResponse:
+    async def _answer(self, generation: Generation, body: OpenAIImageRequest, request: Request,
+                      response: Response) -> OpenAIImagesResponse:
         images = await self.serving.generate(generation)
         response.headers.update(step_headers(images))
-        return OpenAIImagesResponse(
-            created=int(time.time()), size=f"{generation.width}x{generation.height}",
-            data=[OpenAIImage(b64_json=base64.b64encode(d.png).decode("ascii")) for d in images])
+        if body.response_format == "url":
+            urls = await self.jobs.keep(request, images, generation.seeds())
+            data = [OpenAIImage(url=url) for url in urls]
+        else:
+            data = [OpenAIImage(b64_json=base64.b64encode(d.png).decode("ascii")) for d in images]
+        return OpenAIImagesResponse(created=int(time.time()),
+                                    size=f"{generation.width}x{generation.height}", data=data)
 
 
 def _api(request: Request) -> OpenAIApi:
@@ -187,9 +191,9 @@ router = APIRouter(responses=SERVER_ERRORS)
 
 
 @router.post("/v1/images/generations", response_model=OpenAIImagesResponse, responses=REQUEST_ERRORS)
-async def generations(body: OpenAIImageRequest, response: Response,
+async def generations(body: OpenAIImageRequest, request: Request, response: Response,
                       api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
-    return await api.generate(body, response)
+    return await api.generate(body, request, response)
 
 
 MULTIPART = {"requestBody": {"content": {"multipart/form-data": {"schema": {
@@ -207,7 +211,7 @@ MULTIPART = {"requestBody": {"content": {"multipart/form-data": {"schema": {
 async def edits(request: Request, response: Response,
                 api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
     async with request.form(max_files=4, max_fields=64) as form:
-        return await api.edit(form, response, variation=False)
+        return await api.edit(form, request, response, variation=False)
 
 
 @router.post("/v1/images/variations", response_model=OpenAIImagesResponse,
@@ -215,4 +219,4 @@ async def edits(request: Request, response: Response,
 async def variations(request: Request, response: Response,
                      api: Annotated[OpenAIApi, Depends(_api)]) -> OpenAIImagesResponse:
     async with request.form(max_files=4, max_fields=64) as form:
-        return await api.edit(form, response, variation=True)
+        return await api.edit(form, request, response, variation=True)

@@ -156,6 +156,8 @@ def _declared(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": text} for status, text in descriptions.items()}
 
 
+PING_S = 15  # a comment line this often keeps proxies from closing a quiet event stream
+
 SERVER_ERRORS = _declared({
     429: "Too many requests; retry after Retry-After seconds",
     500: "A server bug: a generic message and a request id, the details in the server log",

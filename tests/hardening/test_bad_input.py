@@ -108,7 +108,7 @@ OPENAI_CASES = [
     (_with(GOOD, model="dall-e-9"), 404, "model"),
     (_with(GOOD, model="dall-e\ud800"), 400, "model"),
     (_with(GOOD, loras=[{"name": "a_kohya", "weight": 1e30}]), 400, "loras.0.weight"),
-    (_with(GOOD, response_format="url"), 400, "response_format"),
+    (_with(GOOD, response_format="file"), 400, "response_format"),
     (_with(GOOD, stream=True), 400, "stream"),
     (b'{"prompt": "a red \xff circle"}', 400, "body"),  # not UTF-8
 ]

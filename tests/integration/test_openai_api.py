@@ -33,7 +33,7 @@ def test_defaults_model_size_and_format(client):
 
 
 @pytest.mark.parametrize("kwargs,error,field", [
-    ({"response_format": "url"}, openai.BadRequestError, "response_format"),
+    ({"response_format": "gif_link"}, openai.BadRequestError, "response_format"),
     ({"n": 9}, openai.BadRequestError, "n"),
     ({"n": 0}, openai.BadRequestError, "n"),
     ({"size": "65x64"}, openai.BadRequestError, "size"),

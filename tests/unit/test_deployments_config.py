@@ -131,9 +131,9 @@ def test_resolve_errors_speak_the_callers_field_names(catalog, to_generation, bo
     assert raised.value.field == field and raised.value.status == status
 
 
-def test_openai_refuses_urls(catalog):
-    with pytest.raises(ApiError, match="response_format"):
-        openai.to_generation(OpenAIImageRequest(prompt="x", response_format="url"), served(catalog))
+def test_openai_refuses_streamed_partial_images(catalog):
+    with pytest.raises(ApiError, match="stream"):
+        openai.to_generation(OpenAIImageRequest(prompt="x", stream=True), served(catalog))
 
 
 @pytest.mark.parametrize("sampler_name,scheduler,expected", [
