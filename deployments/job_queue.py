@@ -8,8 +8,9 @@ equals ``/v1/generate``'s), keeps its progress and latest preview, and tells wat
 Ingress's ``/events`` streams) of every change.
 
 Its state is memory only: if this replica dies, Serve starts another, empty. Jobs known to the
-old one read as not found; the ones it was running are cancelled with it (their stage calls are
-owned by the dead actor). Clients resubmit; what a job is, is in its request.
+old one read as not found. The ones it was running are not cancelled (Ray does not cancel the
+calls of a caller that died): the Denoisers finish their remaining steps and the result goes
+nowhere, a bounded waste. Clients resubmit; what a job is, is in its request.
 """
 from __future__ import annotations
 

@@ -218,6 +218,28 @@ def model_panels() -> list[dict[str, Any]]:
     ]
 
 
+def job_panels() -> list[dict[str, Any]]:
+    """The jobs API's registry: what it holds, how fast jobs finish, how long they wait."""
+    return [
+        row("Jobs (/v1/jobs)"),
+        timeseries("Jobs by status", [target(
+            f"sum by (status) ({raydiance('jobs')}{{{SEL}}})", "{{status}}")], "short",
+            "Jobs the registry holds: queued (the queue's depth), running (admitted to the "
+            "Denoisers), and finished ones until they expire or are evicted.", width=6),
+        timeseries("Jobs finished/s by status", [target(
+            f"sum by (status) (rate({raydiance('jobs_finished_total')}{{{SEL}}}[{RATE}]))",
+            "{{status}}")], "short", "succeeded, failed or cancelled, per second.", width=6),
+        timeseries("Time queued (p50/p95/p99)",
+                   quantiles(raydiance("job_queue_seconds"), "application"), "s",
+                   "From submit to admission to the Denoisers: grows when jobs.max_running are "
+                   "busy and more wait.", width=6),
+        timeseries("Stored job images", [target(
+            f"sum by (application) ({raydiance('job_image_bytes')}{{{SEL}}})",
+            "{{application}}")], "bytes",
+            "PNG bytes the registry keeps for image URLs, bounded by jobs.image_bytes.", width=6),
+    ]
+
+
 def node_panels() -> list[dict[str, Any]]:
     """Ray's node metrics: CPU, memory, GPUs."""
     return [
@@ -242,7 +264,8 @@ def node_panels() -> list[dict[str, Any]]:
 
 
 def panels() -> list[dict[str, Any]]:
-    return [*traffic_panels(), *engine_panels(), *serve_panels(), *model_panels(), *node_panels()]
+    return [*traffic_panels(), *engine_panels(), *serve_panels(), *model_panels(), *job_panels(),
+            *node_panels()]
 
 
 def layout(items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -119,9 +119,32 @@ BURSTS = [
 ]
 
 
+JOB_PROMPT = "a white triangle on a black background"  # its own: the burst's cache counts stay
+
+
+def _after_a_job(app) -> Scrape:
+    """A scrape once one job (``/v1/jobs``) has finished and every count of it is exported, so
+    that the jobs' metrics exist and the burst's counts start after it."""
+    start = app.scrape()
+    job = app.client.post("/v1/jobs", json={"prompt": JOB_PROMPT, "seed": 4, "steps": 3})
+    assert job.status_code == 202, job.text
+    poll(lambda: app.client.get(f"/v1/jobs/{job.json()['id']}").json()["status"] == "succeeded",
+         60, "the job")
+
+    def exported() -> Scrape | None:
+        now = app.scrape()
+        expected = {"ray_raydiance_jobs_finished_total": 1, "ray_raydiance_job_queue_seconds_count": 1,
+                    "ray_raydiance_images_total": 1, "ray_raydiance_denoise_steps_total": 3,
+                    "ray_raydiance_stage_latency_seconds_count": 3}  # encode, denoise, decode
+        rose = all(now.total(name) - start.total(name) >= count for name, count in expected.items())
+        return now if rose else None
+
+    return poll(exported, 30, "the job's metrics", interval_s=1.0)
+
+
 @pytest.fixture(scope="package")
 def traffic(app, prometheus) -> Traffic:
-    before = app.scrape()
+    before = _after_a_job(app)
     start = time.monotonic()
     result = Traffic(before=before, after=before)
     # Before the burst: the Ingress exports it with (or before) the burst's last count.

@@ -86,6 +86,16 @@ def test_unet_forwards_and_rows(traffic):
     assert traffic.rise("ray_raydiance_unet_rows_total", part="tail") == 2 * computed
 
 
+def test_jobs_counted_by_status(traffic):
+    """The job run before the burst: finished, its queueing timed, the registry's gauges set."""
+    after = traffic.after
+    assert after.total("ray_raydiance_jobs_finished_total", status="succeeded") >= 1
+    assert after.total("ray_raydiance_job_queue_seconds_count") >= 1
+    assert after.total("ray_raydiance_jobs", status="succeeded") >= 1
+    assert after.total("ray_raydiance_jobs", status="queued") == 0
+    assert after.total("ray_raydiance_job_image_bytes") > 0
+
+
 def test_model_loads_counted_at_replica_start(app):
     """Each of the three model-holding stages loaded the model once, successfully."""
     def loads_exported() -> Scrape | None:
