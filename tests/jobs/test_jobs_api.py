@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
 
 import httpx
@@ -12,6 +11,7 @@ import openai
 from PIL import Image
 
 from tests.integration.conftest import png_pixels
+from tests.integration.test_progress import read_events
 from tools.tiny_shapes.world import classify
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple", "orange", "black"]
@@ -33,16 +33,6 @@ def wait_finished(client: httpx.Client, job_id: str, timeout_s: float = 180) -> 
             return view
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {view['status']} after {timeout_s} s")
-
-
-def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
 
 
 def test_twelve_jobs_at_once_finish_in_order_with_their_colours(apps):
