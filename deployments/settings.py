@@ -109,7 +109,9 @@ def _gpu_placement() -> dict[str, ActorOptions]:
 class Placement(_Strict):
     """``ray_actor_options`` per stage for CPU and GPU clusters; ``accelerator`` picks the set.
 
-    A ``ray_actor_options`` under ``deployments:`` in the config file replaces these entirely.
+    A stage a table leaves out keeps its default options (a config written before a stage
+    existed still places it sensibly, not at Serve's default of a whole CPU). A
+    ``ray_actor_options`` under ``deployments:`` in the config file replaces these entirely.
     """
 
     cpu: dict[str, ActorOptions] = Field(default_factory=_cpu_placement)
@@ -122,6 +124,8 @@ class Placement(_Strict):
             if unknown:
                 raise ValueError(f"placement.{kind}: unknown stage(s) {sorted(unknown)}; "
                                  f"stages are {', '.join(STAGES)}")
+        self.cpu = {**_cpu_placement(), **self.cpu}
+        self.gpu = {**_gpu_placement(), **self.gpu}
         return self
 
 

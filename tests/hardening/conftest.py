@@ -33,7 +33,8 @@ LIMITS = {"max_width": 256, "max_height": 256, "max_steps": 50, "max_images": 4,
           "max_prompt_chars": 300, "max_input_bytes": 65536}  # a body limit of ~1.17 MiB
 # Small CPU fractions: several apps share this 2-core machine's Ray (4 logical CPUs).
 CPU_PLACEMENT = {"Ingress": {"num_cpus": 0.05}, "TextEncoder": {"num_cpus": 0.05},
-                 "Denoiser": {"num_cpus": 0.3}, "VAEDecoder": {"num_cpus": 0.05}}
+                 "Denoiser": {"num_cpus": 0.3}, "VAEDecoder": {"num_cpus": 0.05},
+                 "JobQueue": {"num_cpus": 0.01}}
 
 
 @dataclass
