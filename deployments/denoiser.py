@@ -10,15 +10,13 @@ the engine drops the request before its next step.
 
 What leaves this replica: ``denoise`` returns a ``Denoised`` holding the latents, for an Ingress
 that chains it into ``VAEDecoder.decode`` (replica to replica). ``denoise_stream`` yields a
-``StepProgress`` per step to the Ingress, then a ``Denoised`` whose latents were put in Ray's
-object store here: the Ingress forwards a reference and the VAEDecoder fetches the tensor.
+``StepProgress`` per step to its caller (the Ingress, the JobQueue), then the ``Denoised``,
+which the caller passes on to the VAEDecoder.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, AsyncIterator, Awaitable
 
-import ray
 from ray import serve
 
 from pipeline.denoise import DenoiseParams
@@ -52,7 +50,7 @@ class Denoiser(StageReplica):
                              ) -> AsyncIterator[StepProgress | Denoised]:
         """``denoise`` for a caller that shows progress (``handle.options(stream=True)``): yields
         a ``StepProgress`` after every step (with the image's look so far if ``previews``), then
-        the ``Denoised`` with its latents by reference.
+        the ``Denoised``.
         Closing the stream (the caller went away) drops the request before its next step."""
         def work(report: Report[StepProgress]) -> Awaitable[Denoised]:
             return self._denoise(encoded, params, init, previews=previews,
@@ -62,7 +60,7 @@ class Denoiser(StageReplica):
             async for progress in task.reports():
                 yield progress
             denoised = task.result()
-        yield dataclasses.replace(denoised, latents=ray.put(denoised.latents))
+        yield denoised
 
     async def _denoise(self, encoded: Encoded, params: DenoiseParams, init: InitImage | None,
                        on_step: OnStep | None = None, previews: bool = False) -> Denoised:

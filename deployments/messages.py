@@ -4,9 +4,10 @@
 - TextEncoder -> Denoiser: ``Encoded`` (the conditioning), replica to replica: the Ingress
   passes the TextEncoder's response on unresolved.
 - Denoiser -> VAEDecoder: ``Denoised``. From ``denoise`` it goes replica to replica like
-  ``Encoded``, latents included. From ``denoise_stream`` it goes through the Ingress (which reads
-  the ``StepProgress`` before it), so there its latents are an ``ObjectRef``: the tensor stays in
-  Ray's object store until the VAEDecoder fetches it.
+  ``Encoded``, latents included. From ``denoise_stream`` it goes through the caller (which reads
+  the ``StepProgress`` before it), latents included: they are small (SDXL 1024 px: 256 kB), and
+  an ``ObjectRef`` put by the Denoiser and passed on from a stream item was at times freed by
+  Ray's reference counting before the VAEDecoder read it (ReferenceCountingAssertionError).
 - VAEDecoder -> Ingress: ``Decoded``, the PNG.
 
 Each stage adds its own compute time to ``timings`` (milliseconds), so the Ingress can report
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ray import ObjectRef
 
 from pipeline.conditioning import Conditioning
 from pipeline.embeddings import PromptEmbeddings
@@ -57,7 +57,7 @@ class StepProgress:
 @dataclass
 class Denoised:
     model: str
-    latents: torch.Tensor | ObjectRef  # (1, C, h, w) on the CPU, or a reference to it (streamed)
+    latents: torch.Tensor  # (1, C, h, w) on the CPU
     timings: dict[str, float] = field(default_factory=dict)
     steps_computed: int = 0  # UNet steps run in full
     steps_cached: int = 0  # steps First Block Cache approximated

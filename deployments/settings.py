@@ -137,8 +137,8 @@ class JobSettings(_Strict):
     max_running: PositiveInt = 16  # jobs admitted to the Denoisers at once; the rest wait in order
     max_jobs: PositiveInt = 10000  # records kept; beyond, the oldest finished ones go
     image_bytes: PositiveInt = 512 << 20  # PNG bytes stored; beyond, the oldest finished jobs go
-    # Image URLs start with this (e.g. https://images.example.com); absent: the request's own
-    # scheme and host, as the Ingress saw them.
+    # Image URLs start with this (e.g. https://images.example.com, with the app's route prefix
+    # if it has one: it is used as given); absent: the request's own scheme, host and prefix.
     public_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
 
 

@@ -6,21 +6,18 @@ second copy on the same small card for a forward that runs once per image-to-ima
 An init image is encoded once per request (``encode``, an ``InitImage`` shared by its seeds);
 ``decode`` then pastes inpainted pixels into the original through the mask.
 
-What arrives is a ``Denoised``: straight from the Denoiser when the Ingress chained the calls
+What arrives is a ``Denoised``: straight from the Denoiser when the caller chained the calls
 (``decode.remote(denoise.remote(...))``: Ray hands the Denoiser's result to this replica), or,
-after a streamed denoising, a ``Denoised`` that crossed the Ingress holding only an ``ObjectRef``
-to its latents, which this replica fetches from the object store before batching. Either way the
-latents never pass through the Ingress. PNG encoding happens here rather than in the Ingress: the
-Ingress stays light and a PNG is smaller to send back than pixels.
+after a streamed denoising, one the caller read from the stream and passes on. PNG encoding
+happens here rather than in the Ingress: the Ingress stays light and a PNG is smaller to send
+back than pixels.
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import time
 
 import torch
-from ray import ObjectRef, serve
+from ray import serve
 
 from pipeline.vae import decode_latents
 from pipeline.images import encode_png
@@ -33,10 +30,6 @@ from deployments.batching import raise_if_error, run_grouped
 from deployments.messages import Decoded, Denoised
 from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
-
-FETCH_LATENTS_TIMEOUT_S = 60.0
-"""How long a referenced latent tensor may take to arrive: it exists once the reference does, so
-only a lost Denoiser node or a stuck object store takes this long, and the request then fails."""
 
 DecodeItem = tuple[Denoised, "str | None", "InitImage | None", DiffusionModel]
 """Latents at hand, PNG text, the init image to paste into (inpainting), the model."""
@@ -54,7 +47,6 @@ class VAEDecoder(StageReplica):
     async def decode(self, denoised: Denoised, png_parameters: str | None = None,
                      init: InitImage | None = None) -> Decoded:
         start = time.perf_counter()
-        denoised = await self._fetched(denoised)
         model = await self.get_model(denoised.model)
         result = raise_if_error(await self._decode_batch((denoised, png_parameters, init, model)))
         metrics.record_stage("decode", denoised.model, time.perf_counter() - start)
@@ -64,7 +56,6 @@ class VAEDecoder(StageReplica):
     async def upscale(self, denoised: Denoised, width: int, height: int, upscaler: str) -> InitImage:
         """The hires fix's middle: a first pass's latents brought to ``width`` x ``height`` by
         ``upscaler`` (in latent space, or decoded, resized and encoded again)."""
-        denoised = await self._fetched(denoised)
         model = await self.get_model(denoised.model)
         return await self.worker.run(upscale_for_second_pass, model, denoised.latents, width,
                                      height, upscaler)
@@ -76,18 +67,6 @@ class VAEDecoder(StageReplica):
         result = raise_if_error(await self._encode_batch((source, model)))
         metrics.record_stage("encode_image", source.model, time.perf_counter() - start)
         return result
-
-    @staticmethod
-    async def _fetched(denoised: Denoised) -> Denoised:
-        """``denoised`` with its latents here: a referenced tensor is fetched (with a timeout)."""
-        if not isinstance(denoised.latents, ObjectRef):
-            return denoised
-        try:
-            latents = await asyncio.wait_for(denoised.latents, FETCH_LATENTS_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"the latents did not arrive from the Denoiser within "
-                               f"{FETCH_LATENTS_TIMEOUT_S:.0f} s") from None
-        return dataclasses.replace(denoised, latents=latents)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _decode_batch(self, items: list[DecodeItem]) -> list[Decoded | Exception]:

@@ -2,8 +2,7 @@
 
 What passes through the Ingress: the request going out (prompt, parameters) and the PNGs coming
 back, plus, when progress is wanted, a ``StepProgress`` per step and each image's final
-``Denoised``, whose latents stay in Ray's object store as a reference the Ingress hands on to the
-VAEDecoder unread. The prompt's conditioning never comes here: the TextEncoder's answer goes to
+``Denoised`` (its latents are small), handed on to the VAEDecoder. The prompt's conditioning never comes here: the TextEncoder's answer goes to
 the Denoiser as a chained DeploymentResponse, and so do the latents when no progress is wanted.
 
 Faults (``deployments.api.faults``): a stage replica that dies answers 503 with Retry-After,
@@ -146,7 +145,7 @@ class StageCalls:
                                 init: DeploymentResponse | None,
                                 on_step: Callable[[StepProgress], None]) -> Denoised:
         """The Denoiser's progress stream read: a ``StepProgress`` per step, then the
-        ``Denoised`` whose latents are an object reference, handed on unread."""
+        ``Denoised``, handed on to the VAEDecoder."""
         stream = self.stages.denoiser.options(stream=True).denoise_stream.remote(
             encoded, params, init, self.previews)
         denoised = None
