@@ -37,6 +37,12 @@ class StageReplica:
     def stage_stats(self) -> dict[str, Any]:
         return {}
 
+    def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s); it also sets the model-bytes gauges
+        again: set only when the held models change, their series went missing from Ray's
+        export once the replica had been quiet a while."""
+        self.store.held.publish()
+
     def stats(self) -> dict[str, Any]:
         """For tests and operators: which replica, each live model's components with their
         tensor bytes, the replica's memory, and the stage's own counters."""

@@ -29,6 +29,7 @@ from deployments.api.generation import Generation, HiresFix, ServedModels
 from deployments.api.image_input import decode_image, decode_mask
 from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
 from deployments.api.protocol import (MAX_IMAGES, MAX_SIDE, MAX_STEPS, REQUEST_ERRORS, SERVER_ERRORS,
+                                      declared,
                                       CacheRequest, ClipSkip, FillIndex, GuidanceScale, ImageCount,
                                       ImageData, ImageSide, MaskBlur, Name, ResizeMode, Seed,
                                       Steps, Strength, Text)
@@ -406,7 +407,7 @@ async def skip(api: Api) -> None:
     api.stop("skipped")
 
 
-@router.get("/progress")
+@router.get("/progress", responses=declared({422: "skip_current_image is not a boolean"}))
 async def progress(api: Api, skip_current_image: bool = False) -> dict[str, Any]:
     return api.progress(skip_current_image)
 

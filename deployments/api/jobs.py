@@ -21,7 +21,7 @@ from deployments.api.errors import ApiError, error_body, internal_error_body
 from deployments.api.faults import translate
 from deployments.api.generation import ServedModels
 from deployments.api.native import GenerateRequest, to_generation
-from deployments.api.protocol import PING_S, REQUEST_ERRORS, SERVER_ERRORS
+from deployments.api.protocol import PING_S, REQUEST_ERRORS, SERVER_ERRORS, declared
 from deployments.messages import Decoded
 from deployments.settings import JobSettings
 
@@ -147,7 +147,8 @@ def _answered_by(response: Response) -> None:
 Api = Annotated[JobsApi, Depends(_api)]
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=SERVER_ERRORS,
                    dependencies=[Depends(_answered_by)])
-NOT_FOUND = {404: {"description": "no such job (never submitted, or expired)"}}
+NOT_FOUND = declared({404: "No such job (never submitted, or expired), or no such image or "
+                     "preview yet", 422: "A malformed id or value (error.param)"})
 
 
 @router.post("", status_code=202, responses={**REQUEST_ERRORS, 429: {"description": "queue full"}})
@@ -157,7 +158,7 @@ async def submit(body: GenerateRequest, request: Request, response: Response,
     return await api.submit(body, request, response)
 
 
-@router.get("")
+@router.get("", responses=declared({422: "An unknown status or a limit out of range"}))
 async def listing(request: Request, api: Api,
                   status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
                   limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = 20) -> dict[str, Any]:

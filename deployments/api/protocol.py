@@ -152,18 +152,18 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def _declared(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+def declared(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": text} for status, text in descriptions.items()}
 
 
 PING_S = 15  # a comment line this often keeps proxies from closing a quiet event stream
 
-SERVER_ERRORS = _declared({
+SERVER_ERRORS = declared({
     429: "Too many requests; retry after Retry-After seconds",
     500: "A server bug: a generic message and a request id, the details in the server log",
     503: "Overloaded, timed out or a stage unavailable; retry after Retry-After seconds"})
 """The error answers any route may give, declared on every router (OpenAPI)."""
-REQUEST_ERRORS = _declared({
+REQUEST_ERRORS = declared({
     400: "Malformed body; on the OpenAI route also a bad value",
     404: "Unknown model or LoRA",
     413: "Body or prompt too long",
