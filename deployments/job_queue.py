@@ -15,7 +15,6 @@ nowhere, a bounded waste. Clients resubmit; what a job is, is in its request.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.images import encode_png
+from pipeline.images import encode_png, png_base64
 
 from deployments import metrics
 from deployments.api.errors import ApiError, error_body, internal_error_body
@@ -156,8 +155,7 @@ class JobQueue:
     async def _run(self, job: Job, generation: Generation) -> None:
         def on_step(image: int, progress: StepProgress) -> None:
             self.store.step(job, image, progress.step, progress.steps, progress.preview)
-            self._publish(job, ("step", {"step": progress.step, "steps": progress.steps,
-                                         "image": image, "images": job.image_count}))
+            self._publish(job, _step_event(job))
 
         try:
             decoded = await self.serving.generate(generation, on_step=on_step, previews=True)
@@ -189,8 +187,7 @@ class JobQueue:
             return [("queued", {"position": self.store.position(job)})]
         events: list[Event] = [("running", {"started": job.started})]
         if job.step:
-            events.append(("step", {"step": job.step, "steps": job.step_total,
-                                    "image": job.image, "images": job.image_count}))
+            events.append(_step_event(job))
         if job.status == "succeeded":
             events.append(("succeeded", {"images": [i.summary() for i in job.images]}))
         elif job.done:
@@ -202,7 +199,7 @@ class JobQueue:
         name, data = event
         if name != "step" or job.preview is None:
             return event
-        return name, {**data, "preview": base64.b64encode(encode_png(job.preview)).decode("ascii")}
+        return name, {**data, "preview": png_base64(job.preview)}
 
     def _publish(self, job: Job, event: Event) -> None:
         for inbox in self.watchers.get(job.id, ()):
@@ -222,6 +219,11 @@ class JobQueue:
     async def check_health(self) -> None:
         if self._sweeper.done():
             raise RuntimeError("the job registry's sweeper stopped")
+
+
+def _step_event(job: Job) -> Event:
+    return "step", {"step": job.step, "steps": job.step_total, "image": job.image,
+                    "images": job.image_count}
 
 
 def _image(decoded: Decoded, seed: int) -> JobImage:

@@ -19,7 +19,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.images import encode_png
+from pipeline.images import png_base64
 from pipeline.prompt_loras import parse_prompt_loras
 from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, resolve_sampler
 from pipeline.upscale import canonical_upscaler
@@ -349,7 +349,7 @@ class A1111Api:
         latest = jobs[-1] if jobs else _Job(0, [0])
         return {"progress": finished / total if total else 0.0, "eta_relative": 0.0,
                 "current_image": None if skip_current_image or latest.preview is None
-                else base64.b64encode(encode_png(latest.preview)).decode("ascii"),
+                else png_base64(latest.preview),
                 "textinfo": None,
                 "state": {"skipped": self.stopped == "skipped",
                           "interrupted": self.stopped == "interrupted", "job": "",

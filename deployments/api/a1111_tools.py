@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
-import io
 import os
 from typing import Annotated, Any, Literal
 
 import psutil
 import torch
 from fastapi import APIRouter, Depends, Request
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.images import encode_png
 
 from deployments.api.embeddings import a1111_embeddings
 from deployments.api.errors import ApiError
@@ -153,7 +154,7 @@ def upscale(body: ExtrasSingleImageRequest, limits: Limits) -> ExtrasSingleImage
     if infotext:
         texts["postprocessing"] = infotext
     return ExtrasSingleImageResponse(html_info=_plaintext_to_html(infotext),
-                                     image=base64.b64encode(_png(image, texts)).decode("ascii"))
+                                     image=base64.b64encode(encode_png(image, texts=texts)).decode("ascii"))
 
 
 def png_info(body: PngInfoRequest, limits: Limits) -> PngInfoResponse:
@@ -161,15 +162,6 @@ def png_info(body: PngInfoRequest, limits: Limits) -> PngInfoResponse:
     image = open_image(body.image, "image", limits, allow_animated=True)
     info, items = read_image_info(image)
     return PngInfoResponse(info=info or "", items=items, parameters=parse_infotext(info or ""))
-
-
-def _png(image: Image.Image, texts: dict[str, str]) -> bytes:
-    pnginfo = PngImagePlugin.PngInfo()
-    for key, value in texts.items():
-        pnginfo.add_text(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=pnginfo)
-    return buffer.getvalue()
 
 
 def _plaintext_to_html(text: str) -> str:

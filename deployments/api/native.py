@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
-from pipeline.images import encode_png
+from pipeline.images import png_base64
 from pipeline.samplers import DEFAULT_SAMPLER
 
 from deployments.api.embeddings import native_embeddings
@@ -93,7 +93,7 @@ def step_event(progress: StepProgress) -> dict[str, Any]:
     """A step event's data: the step, and the preview when there is one."""
     event: dict[str, Any] = {"step": progress.step, "steps": progress.steps}
     if progress.preview is not None:
-        event["preview"] = base64.b64encode(encode_png(progress.preview)).decode("ascii")
+        event["preview"] = png_base64(progress.preview)
     return event
 
 

@@ -22,10 +22,10 @@ SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC", 
 THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.0, 0.3, 0.1, 0.15]
 
 
-def denoiser_stats() -> dict[str, int]:
+def denoiser_stats(app: str = APP_NAME) -> dict[str, int]:
     from ray import serve
 
-    handle = serve.get_deployment_handle("Denoiser", APP_NAME)
+    handle = serve.get_deployment_handle("Denoiser", app)
     return handle.stats.remote().result(timeout_s=30)
 
 

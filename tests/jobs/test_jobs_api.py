@@ -11,6 +11,7 @@ import openai
 from PIL import Image
 
 from tests.integration.conftest import png_pixels
+from tests.integration.test_engine_http import denoiser_stats
 from tests.integration.test_progress import read_events
 from tools.tiny_shapes.world import classify
 
@@ -110,12 +111,6 @@ def test_a_bad_job_is_refused_at_submit_naming_the_field(apps):
     assert client.delete("/v1/jobs/no-such-job").status_code == 404
 
 
-def _denoiser_stats(app: str) -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("Denoiser", app).stats.remote().result(timeout_s=30)
-
-
 def test_cancelling_by_id_stops_a_running_job_and_a_queued_one_never_starts(apps):
     client = apps.jobs.client
     slow = _body("green", "black", "square", 3, steps=100, width=256, height=256,
@@ -134,11 +129,11 @@ def test_cancelling_by_id_stops_a_running_job_and_a_queued_one_never_starts(apps
     again = client.delete(f"/v1/jobs/{running['id']}")  # idempotent
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
     deadline = time.monotonic() + 30  # the engine drops them at their next step
-    while (stats := _denoiser_stats("jobs"))["active"] and time.monotonic() < deadline:
+    while (stats := denoiser_stats("jobs"))["active"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert stats["active"] == 0, stats
     time.sleep(1.5)
-    assert _denoiser_stats("jobs")["forwards"] == stats["forwards"]  # nothing of theirs runs
+    assert denoiser_stats("jobs")["forwards"] == stats["forwards"]  # nothing of theirs runs
     assert client.get(f"/v1/jobs/{queued['id']}").json()["started"] is None
     cancelled = client.get("/v1/jobs", params={"status": "cancelled", "limit": 100}).json()["jobs"]
     assert {running["id"], queued["id"]} <= {job["id"] for job in cancelled}
@@ -246,7 +241,7 @@ def test_when_the_registry_dies_its_jobs_are_gone_and_new_ones_work(apps):
     # The job it was running is not cancelled (Ray does not cancel a dead caller's calls): the
     # Denoiser finishes its remaining steps and the result goes nowhere; the leak is bounded.
     deadline = time.monotonic() + 120
-    while (stats := _denoiser_stats("capped"))["active"] and time.monotonic() < deadline:
+    while (stats := denoiser_stats("capped"))["active"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert stats["active"] == 0, stats
     after = client.post("/v1/jobs", json=_body("red", "blue", "circle", 2, steps=2))
