@@ -1,11 +1,15 @@
-"""First Block Cache: a threshold sweep in both modes, against no cache and DeepCache.
+"""First Block Cache: the default against the previous one, what each of its parts buys (one
+changed at a time), a threshold sweep, per sampler, against no cache and DeepCache.
 
-    python -m bench.bench_cache [--steps 25] [--thresholds 0.05,0.1,...] [--prompts 36]
-                                [--random-prompts 3] [--models builtin,sd15,sdxl] [--deepcache 2,3,5]
+    python -m bench.bench_cache [--steps 25] [--thresholds 0.05,0.1,...] [--modes reuse]
+                                [--prompts 36] [--random-prompts 3] [--models builtin,sd15,sdxl]
+                                [--samplers 'DPM++ 2M,Euler a,DDIM,UniPC'] [--deepcache 2,3,5]
                                 [--repeats 3] [--no-record]
 
 Models: the trained built-in tiny-shapes (64x64) and random-weight SD1.5- and SDXL-architecture
-UNets (32x32 latents), 25 Euler steps, guidance 5, one request at a time, ``--repeats`` runs. For
+UNets (32x32 latents), 25 Euler steps, guidance 5, one request at a time, ``--repeats`` runs;
+``--samplers``: the built-in model again with each of these samplers (no cache, the previous
+default and the default only). For
 every variant, image by image and interleaved with the uncached run of the same prompt and seed
 (so machine noise hits both alike): steps cached, denoise speedup (the UNet loop only: no text
 encoding, no VAE), PSNR of the decoded image against the uncached one, prompt accuracy (built-in model: both
@@ -164,9 +168,10 @@ def run_deepcache(pipe, prompt: str, params: DenoiseParams,
 
 
 def measure_prompt(model: DiffusionModel, pipe, size: int, steps: int, i: int, prompt: str, scene: Scene | None,
-                   cond: Conditioning, variants: list[Variant], tallies: dict[str, Tally]) -> None:
+                   cond: Conditioning, variants: list[Variant], tallies: dict[str, Tally],
+                   sampler: str = "Euler") -> None:
     """Prompt ``i`` (seed 1000 + i) uncached, then under every variant, into ``tallies``."""
-    base = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i)
+    base = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i, sampler=sampler)
     base_seconds, base_latents, _ = run_ours(model, cond, base)
     base_pixels = decode_latents(model, base_latents)[0]
     dc_base: tuple[tuple[float, float], np.ndarray] | None = None
@@ -183,8 +188,7 @@ def measure_prompt(model: DiffusionModel, pipe, size: int, steps: int, i: int, p
             seconds, latents, cached = base_seconds, base_latents, 0
             reference_seconds, reference_pixels = base_seconds, base_pixels
         else:
-            params = DenoiseParams(size, size, steps=steps, guidance_scale=GUIDANCE, seed=1000 + i,
-                                   cache=variant.config)
+            params = dataclasses.replace(base, cache=variant.config)
             seconds, latents, cached = run_ours(model, cond, params)
             reference_seconds, reference_pixels = base_seconds, base_pixels
         pixels = base_pixels if variant.mode == "none" else decode_latents(model, latents)[0]
@@ -198,7 +202,7 @@ def measure_prompt(model: DiffusionModel, pipe, size: int, steps: int, i: int, p
 
 
 def sweep(label: str, model: DiffusionModel, size: int, prompts: list[tuple[str, Scene | None]],
-          variants: list[Variant], steps: int, repeats: int) -> list[dict[str, Tally]]:
+          variants: list[Variant], steps: int, repeats: int, sampler: str = "Euler") -> list[dict[str, Tally]]:
     """Every variant on every prompt, once per run: each run's tallies by variant."""
     conds = encode_prompts(model, [p for p, _ in prompts], [None] * len(prompts))
     pipe = deepcache_pipe(model) if any(v.mode == "deepcache" for v in variants) else None
@@ -212,7 +216,7 @@ def sweep(label: str, model: DiffusionModel, size: int, prompts: list[tuple[str,
         tallies = {v.name: Tally() for v in variants}
         for i, ((prompt, scene), cond) in enumerate(tqdm(list(zip(prompts, conds)),
                                                          desc=f"{label}, run {run + 1}/{repeats}")):
-            measure_prompt(model, pipe, size, steps, i, prompt, scene, cond, variants, tallies)
+            measure_prompt(model, pipe, size, steps, i, prompt, scene, cond, variants, tallies, sampler)
         runs.append(tallies)
     return runs
 
@@ -227,20 +231,73 @@ def random_prompts(count: int) -> list[tuple[str, None]]:
     return [(s.prompt, None) for s in TRAIN_SCENES[:: 17][:count]]
 
 
+# The defaults before issue 16's part 2, for the before/after rows.
+PREVIOUS_DEFAULTS = {
+    "sd15": FirstBlockCacheConfig(threshold=0.15, start=0.2, max_consecutive_hits=2, mode="reuse"),
+    "sdxl": FirstBlockCacheConfig(threshold=0.2, start=0.2, max_consecutive_hits=2, mode="reuse"),
+}
+
+
+def describe(config: FirstBlockCacheConfig) -> str:
+    """A config in a few words: mode, threshold, then what differs from the plain fields."""
+    words = [f"{config.mode} {config.threshold:g}"]
+    if config.order:
+        words.append(f"order {config.order}")
+    if config.rule != "last_computed":
+        words.append(config.rule)
+    window = []
+    if config.start:
+        window.append(f"start {config.start:g}")
+    if config.end < 1:
+        window.append(f"end {config.end:g}")
+    if config.max_consecutive_hits is not None:
+        growth = f" +{config.run_growth}/run" if config.run_growth else ""
+        window.append(f"max {config.max_consecutive_hits} hits{growth}")
+    return " ".join(words) + (f" ({', '.join(window)})" if window else "")
+
+
+def ablations(default: FirstBlockCacheConfig, previous: FirstBlockCacheConfig) -> list[tuple[str, FirstBlockCacheConfig]]:
+    """The default with one of its parts changed back or swapped, and the previous default with
+    the extrapolation alone: (what changed, config), the duplicates of the default left out."""
+    replace = dataclasses.replace
+    other_rule = "last_computed" if default.rule == "accumulated" else "accumulated"
+    candidates = [
+        ("previous default + order 1", replace(previous, order=1)),
+        ("previous default + rule accumulated", replace(previous, rule="accumulated")),
+        (f"default, order {1 if default.order != 1 else 0}", replace(default, order=1 if default.order != 1 else 0)),
+        (f"default, rule {other_rule}", replace(default, rule=other_rule)),
+        ("default, no run growth", replace(default, run_growth=0)),
+        ("default, end 0.9", replace(default, end=0.9)),
+        ("default, mode residual", replace(default, mode="residual")),
+    ]
+    seen = {default, previous}
+    chosen = []
+    for what, config in candidates:
+        if config not in seen:
+            seen.add(config)
+            chosen.append((what, config))
+    return chosen
+
+
 def make_variants(thresholds: list[float], modes: list[str], deepcache: list[int],
-                  default: FirstBlockCacheConfig) -> list[Variant]:
-    """No cache; each mode with WaveSpeed's window (whole schedule, no run limit); the default's
-    mode with the default's window and run limit; the default itself; DeepCache."""
+                  default: FirstBlockCacheConfig, previous: FirstBlockCacheConfig | None = None,
+                  ablate: bool = True) -> list[Variant]:
+    """No cache; each mode with WaveSpeed's window (whole schedule, no run limit); the previous
+    default; the default with one part changed at a time; the default at other thresholds; the
+    default itself; DeepCache."""
     variants = [Variant("no cache", "none")]
     for mode in modes:
         variants += [Variant(f"FBC {mode} {t:g}", mode, FirstBlockCacheConfig(threshold=t, mode=mode))
                      for t in thresholds]
-    limited = f"start {default.start:g}, max {default.max_consecutive_hits} hits"
-    variants += [Variant(f"FBC {default.mode} {t:g} ({limited})", default.mode,
-                         dataclasses.replace(default, threshold=t))
-                 for t in thresholds if t != default.threshold]
-    variants.append(Variant(f"**FBC default: {default.mode} {default.threshold:g} ({limited})**",
-                            default.mode, default))
+    if previous is not None and previous != default:
+        variants.append(Variant(f"previous default: {describe(previous)}", previous.mode, previous))
+    if ablate:
+        variants += [Variant(f"{what}: {describe(config)}", config.mode, config)
+                     for what, config in ablations(default, previous or default)]
+        variants += [Variant(f"default at {t:g}: {describe(dataclasses.replace(default, threshold=t))}",
+                             default.mode, dataclasses.replace(default, threshold=t))
+                     for t in thresholds if t != default.threshold]
+    variants.append(Variant(f"**FBC default: {describe(default)}**", default.mode, default))
     variants += [Variant(f"DeepCache interval {n}", "deepcache", interval=n) for n in deepcache]
     return variants
 
@@ -296,14 +353,16 @@ def plot(results: dict[str, list[tuple[Variant, dict[str, Repeated]]]]):
             if "speedup" not in figures:
                 continue
             group = ("DeepCache" if variant.mode == "deepcache" else
-                     "FBC default" if "default" in variant.name else
-                     "FBC reuse (window, limit)" if "(" in variant.name else f"FBC {variant.mode}")
+                     "FBC default, by threshold" if variant.name.startswith(("**FBC default", "default at")) else
+                     "previous default" if variant.name.startswith("previous default:") else
+                     "one part changed" if ":" in variant.name else f"FBC {variant.mode} (whole schedule)")
             groups.setdefault(group, []).append((figures["speedup"], figures["psnr"]))
         for group, points in groups.items():
             points.sort(key=lambda p: p[0].median)
             speedups, psnrs = [p[0] for p in points], [p[1] for p in points]
             ax.errorbar(medians(speedups), medians(psnrs), xerr=spreads(speedups), yerr=spreads(psnrs),
-                        fmt="o-", capsize=2, label=group)
+                        fmt="o" if group in ("one part changed", "previous default") else "o-",
+                        capsize=2, label=group)
         ax.axhline(30, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel("denoise speedup vs uncached (CPU time; median, min-max)")
         ax.set_ylabel("PSNR vs uncached (dB, 100 = identical)")
@@ -324,29 +383,35 @@ def load(name: str, tmp: Path, prompt_count: int, random_count: int) -> tuple[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--thresholds", default="0.05,0.1,0.15,0.2,0.3")
-    parser.add_argument("--modes", default="reuse,residual")
+    parser.add_argument("--thresholds", default="0.1,0.2,0.3",
+                        help="thresholds for the whole-schedule rows and the default's sweep")
+    parser.add_argument("--modes", default="reuse", help="modes of the whole-schedule rows")
     parser.add_argument("--prompts", type=int, default=36, help="built-in model: prompts (1/3 held out)")
     parser.add_argument("--random-prompts", type=int, default=3, help="random-weight models: prompts")
     parser.add_argument("--models", default="builtin,sd15,sdxl")
+    parser.add_argument("--samplers", default="DPM++ 2M,Euler a,DDIM,UniPC",
+                        help="built-in model: these samplers too, default vs previous ('' for none)")
     parser.add_argument("--deepcache", default="2,3,5", help="DeepCache intervals ('' for none)")
     args, report = parse_args(parser, "bench.bench_cache")
     torch.set_num_threads(1)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]
     modes = [m for m in args.modes.split(",") if m]
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     intervals = [int(n) for n in args.deepcache.split(",") if n]
     if intervals and importlib.util.find_spec("DeepCache") is None:
         print("DeepCache not installed (pip install deepcache): peer skipped")
         intervals = []
     results: dict[str, list[tuple[Variant, dict[str, Repeated]]]] = {}
     notes = []
+    model_labels: list[str] = []  # the plot's panels: one per model, not per sampler
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             label, model, size, prompts = load(name, Path(tmp), args.prompts, args.random_prompts)
             shares = head_shares(model, size // model.vae_scale_factor)
             notes.append(f"{label}: head FLOP share {100 * shares[0]:.1f}% (reuse), "
                          f"{100 * shares[1]:.1f}% with the output layers (residual).")
-            variants = make_variants(thresholds, modes, intervals, default_cache_config(model.family))
+            default, previous = default_cache_config(model.family), PREVIOUS_DEFAULTS.get(model.family)
+            variants = make_variants(thresholds, modes, intervals, default, previous)
             try:
                 runs = sweep(label, model, size, prompts, variants, args.steps, args.repeats)
             except Exception as error:  # noqa: BLE001 - DeepCache is optional: retry without it
@@ -356,8 +421,18 @@ def main() -> None:
                 variants = [v for v in variants if v.mode != "deepcache"]
                 runs = sweep(label, model, size, prompts, variants, args.steps, args.repeats)
             results[label] = summarize(runs, variants, shares)
+            model_labels.append(label)
             print(table({label: results[label]}))
-    notes.append(f"{args.steps} Euler steps, guidance {GUIDANCE}, one request at a time, 1 torch thread. "
+            if name != "builtin":
+                continue
+            for sampler in samplers:
+                sampled = f"{label}, {sampler}"
+                variants = make_variants([], [], [], default, previous, ablate=False)
+                runs = sweep(sampled, model, size, prompts, variants, args.steps, args.repeats, sampler)
+                results[sampled] = summarize(runs, variants, shares)
+                print(table({sampled: results[sampled]}))
+    notes.append(f"{args.steps} steps, Euler unless the model column names a sampler, guidance {GUIDANCE}, "
+                 "one request at a time, 1 torch thread. "
                  "A run: every prompt uncached, then under every variant in turn (same seed). "
                  f"{args.repeats} runs. Seconds: the UNet loop only (no text encoding, no VAE; DeepCache: "
                  "diffusers' pipeline with output_type='latent'), process CPU time (the machine may be "
@@ -366,9 +441,13 @@ def main() -> None:
                  "uncached); measured / ideal uses the CPU-time speedup. PSNR: "
                  "decoded image vs uncached, mean and worst over the prompts (100 = identical). Ideal: "
                  "steps / (computed + cached x head FLOP share). Accuracy: both colours right "
-                 f"(world.is_correct), {args.prompts} prompts, a third held out.")
+                 f"(world.is_correct), {args.prompts} prompts, a third held out. Variants: mode and "
+                 "threshold; order (extrapolation from the last computed steps), rule (accumulated: "
+                 "TeaCache's sum of step-to-step diffs), window and run limit (+n/run: run_growth) "
+                 "where they are not the plain fields'. \"one part changed\" rows: the default with "
+                 "that part alone changed.")
     report.record("cache: First Block Cache sweep", table(results), "\n".join(f"- {n}" for n in notes))
-    report.save_figure(plot(results), "cache")
+    report.save_figure(plot({label: results[label] for label in model_labels}), "cache")
 
 
 if __name__ == "__main__":

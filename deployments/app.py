@@ -16,7 +16,7 @@ from deployments.api.model_aliases import checked_aliases
 from deployments.denoiser import Denoiser
 from deployments.job_queue import JobQueue
 from deployments.placement import actor_options
-from deployments.settings import AppArgs, StageSettings, resolve_model_path
+from deployments.settings import AppArgs, ModelEntry, StageSettings, entry_path, resolve_model_path
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VAEDecoder
 
@@ -24,7 +24,7 @@ from deployments.vae_decoder import VAEDecoder
 def parse_args(args: dict[str, Any] | AppArgs | None, base: Path | None = None) -> AppArgs:
     """Validated args with every model path absolute (replicas may run in another directory)."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    models = {name: str(resolve_model_path(path, base)) for name, path in parsed.models.items()}
+    models = {name: _resolved(entry, base) for name, entry in parsed.models.items()}
     folders = {}
     for key in ("checkpoints_dir", "loras_dir", "embeddings_dir"):
         value = getattr(parsed, key)
@@ -36,10 +36,17 @@ def parse_args(args: dict[str, Any] | AppArgs | None, base: Path | None = None) 
     return parsed.model_copy(update={"models": models, **folders})
 
 
+def _resolved(entry: str | ModelEntry, base: Path | None) -> str | ModelEntry:
+    """A model entry with its path absolute, in the form it was given."""
+    path = str(resolve_model_path(entry_path(entry), base))
+    return path if isinstance(entry, str) else entry.model_copy(update={"path": path})
+
+
 def stage_settings(parsed: AppArgs) -> StageSettings:
     """The replicas' settings; checks every configured model's files (a bad path fails the
     deploy, not the first request) and picks the default model."""
-    stage = StageSettings(model_paths=parsed.models, checkpoints_dir=parsed.checkpoints_dir,
+    stage = StageSettings(model_paths=parsed.model_paths(), compiled_models=parsed.compiled_models(),
+                          checkpoints_dir=parsed.checkpoints_dir,
                           loras_dir=parsed.loras_dir, embeddings_dir=parsed.embeddings_dir,
                           default_model=parsed.default_model or "",
                           accelerator=parsed.accelerator,

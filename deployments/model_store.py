@@ -93,8 +93,10 @@ class ModelStore:
     """
 
     def __init__(self, settings: StageSettings, worker: TorchWorker,
-                 components: tuple[Component, ...]) -> None:
+                 components: tuple[Component, ...],
+                 prepare: Callable[[DiffusionModel], None] | None = None) -> None:
         self.settings = settings
+        self.prepare = prepare  # on the worker thread after each load (the Denoiser compiles)
         self.catalog = settings.catalog()
         self.worker = worker
         self.components = components
@@ -166,6 +168,8 @@ class ModelStore:
         with LoadTimer(name, "model"):  # raydiance_model_loads, _model_load_seconds
             model = load_model(path, components=self.components, device=self.device,
                                dtype=self.dtype, name=name)
+        if self.prepare is not None:
+            self.prepare(model)
         self.held.add(model)
         return model
 

@@ -9,13 +9,13 @@ and Serve finds the multiplexed ``model_slots`` among the instance's attributes.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
 from ray import serve
 
-from pipeline.model import Component
+from pipeline.model import Component, DiffusionModel
 
 from deployments.model_store import ModelStore
 from deployments.settings import StageSettings
@@ -27,10 +27,11 @@ class StageReplica:
     (async) constructor and ``await self.store.start()`` last; a stage adds its own counters to
     ``stats()`` through ``stage_stats``."""
 
-    def __init__(self, settings: StageSettings, components: tuple[Component, ...]) -> None:
+    def __init__(self, settings: StageSettings, components: tuple[Component, ...],
+                 prepare: Callable[[DiffusionModel], None] | None = None) -> None:
         pin_torch_threads()
         self.worker = TorchWorker()
-        self.store = ModelStore(settings, self.worker, components)
+        self.store = ModelStore(settings, self.worker, components, prepare)
         self.get_model = self.store.get
         self.model_slots = self.store.slot  # multiplexed: Serve finds it among the attributes
 

@@ -5,7 +5,7 @@ Kept apart from ``app.py`` so that replicas import the settings without importin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -75,6 +75,9 @@ class BatchKnobs(_Strict):
         batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 class DenoiserKnobs(_Strict):
     """The Denoiser's step-batching engine.
 
@@ -82,9 +85,17 @@ class DenoiserKnobs(_Strict):
     requests share a forward while their rows fit, and a request with more rows than this still
     runs, alone. So 1 runs every request alone, 2 runs each guided request alone but pairs
     unguided ones; a GPU wants as many as fit its memory.
+
+    ``compile_mode`` and ``compile_cache_dir``: how the UNets of models configured with
+    ``compile: true`` are compiled (``pipeline.unet.compiled``): torch.compile's mode (absent:
+    reduce-overhead, i.e. CUDA graphs, on CUDA; default elsewhere) and inductor's on-disk cache,
+    which a restarted replica reuses (absent: TORCHINDUCTOR_CACHE_DIR where set, else
+    ``pipeline.unet.compiled.DEFAULT_CACHE_DIR``, ~/.cache/raydiance/inductor).
     """
 
     max_batch_rows: PositiveInt = 32
+    compile_mode: CompileMode | None = None
+    compile_cache_dir: str | None = None
 
 
 ActorOptions = dict[str, Any]
@@ -142,10 +153,28 @@ class JobSettings(_Strict):
     public_base_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
 
 
+class ModelEntry(_Strict):
+    """A configured model given as an object instead of a bare path: ``{path: ..., compile: true}``.
+
+    ``compile``: the Denoiser compiles this model's UNet at load (torch.compile, warmed over its
+    batch sizes; ``pipeline.unet.compiled``). Opt-in per model, a deployment setting only: no
+    request can change it. The other stages ignore it.
+    """
+
+    path: str
+    compile: bool = False
+
+
+def entry_path(entry: str | ModelEntry) -> str:
+    return entry if isinstance(entry, str) else entry.path
+
+
 class AppArgs(_Strict):
     """Everything ``build_app`` needs; see serve_config.yaml for each knob explained."""
 
-    models: dict[str, str] = Field(default_factory=lambda: {"tiny-shapes": str(BUILTIN_MODEL_DIR)})
+    # name: path, or name: {path: ..., compile: true} (ModelEntry)
+    models: dict[str, str | ModelEntry] = Field(
+        default_factory=lambda: {"tiny-shapes": str(BUILTIN_MODEL_DIR)})
     # A ComfyUI/A1111-style folder of checkpoints (*.safetensors single files and diffusers
     # folders), each served under its file or folder name; read per request, so new files serve
     # at once. And a folder of LoRAs (*.safetensors, kohya or diffusers/peft), named by stem.
@@ -184,11 +213,21 @@ class AppArgs(_Strict):
             self.default_model = next(iter(self.models))
         return self
 
+    def model_paths(self) -> dict[str, str]:
+        """The configured models by name: their paths."""
+        return {name: entry_path(entry) for name, entry in self.models.items()}
+
+    def compiled_models(self) -> list[str]:
+        """The configured models whose UNet the Denoiser compiles."""
+        return [name for name, entry in self.models.items()
+                if isinstance(entry, ModelEntry) and entry.compile]
+
 
 class StageSettings(_Strict):
     """What a model-holding replica needs: where the models are and which device to use."""
 
     model_paths: dict[str, str]
+    compiled_models: list[str] = Field(default_factory=list)  # their UNets compiled by the Denoiser
     checkpoints_dir: str | None = None
     loras_dir: str | None = None
     embeddings_dir: str | None = None

@@ -17,6 +17,7 @@ from transformers import CLIPTokenizer
 
 from pipeline.errors import MissingComponentError
 from pipeline.preview import FAMILY_LATENT_RGB, LatentRGB
+from pipeline.unet.parts import EAGER, UNetParts
 
 Family = Literal["sd15", "sdxl"]
 Component = Literal["text_encoders", "unet", "vae"]
@@ -91,6 +92,9 @@ class DiffusionModel:
     name: str
     configs: ModelConfigs
     loaded: dict[Component, Any] = field(default_factory=dict)  # TextEncoders, UNet, VAE
+    # How the engine runs the UNet: eager, or compiled (``pipeline.unet.compiled``, a Denoiser's
+    # model configured with ``compile: true``); the runner hands it to the cache strategy.
+    unet_parts: UNetParts = EAGER
 
     @property
     def family(self) -> Family:

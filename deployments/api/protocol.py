@@ -15,7 +15,8 @@ from pydantic_core import PydanticCustomError
 
 from pipeline.prompt_loras import MAX_LORA_WEIGHT
 from pipeline.seeds import MAX_SEED
-from pipeline.unet.cache_config import CacheMode, RunLimit, ScheduleFraction, Threshold
+from pipeline.unet.cache_config import (CacheMode, CacheRule, RunGrowth, RunLimit, ScheduleFraction,
+                                        TaylorOrder, Threshold)
 
 SIZE_MULTIPLE = 8  # the VAE halves the side three times
 MAX_SIDE = 8192  # pixels; the config's max_width/max_height are lower
@@ -115,7 +116,10 @@ class CacheRequest(BaseModel):
     start: ScheduleFraction | None = None
     end: ScheduleFraction | None = None
     max_consecutive_hits: RunLimit | None = None
+    run_growth: RunGrowth | None = None
     mode: CacheMode | None = None
+    order: TaylorOrder | None = None
+    rule: CacheRule | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The fields the caller set, for ``FirstBlockCacheConfig.with_overrides``."""

@@ -40,7 +40,7 @@ def run_step(group: Sequence[Trajectory], adapters: LoraSet = (),
     if activate_adapters is not None:
         activate_adapters(model, adapters)
     rows = [t.unet_rows() for t in group]
-    result = FirstBlockCache.forward(model.unet, rows, [t.cache for t in group])
+    result = FirstBlockCache.forward(model.unet, rows, [t.cache for t in group], model.unet_parts)
     if len(result.outputs) != len(group):
         raise RuntimeError(f"forward returned {len(result.outputs)} slices for {len(group)} requests")
     for i, (trajectory, row, output) in enumerate(zip(group, rows, result.outputs)):

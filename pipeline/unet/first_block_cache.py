@@ -3,11 +3,13 @@
 Like diffusers' ``apply_first_block_cache(module, config)``, a request's cache is its config;
 unlike it, the state is per request, not per module, so requests with different caches (or none)
 share a forward. Every row runs the head (embeddings, ``conv_in``, ``down_blocks[0]``'s first
-resnet and attention). Each request then compares its head residual with the one from its own
-last computed step, ``diff = mean|r - r_prev| / mean|r_prev|`` over its cond and uncond rows
-together, and skips the rest of the UNet when ``diff < threshold`` (inside its window, under its
-run limit). The tail runs only for the rows of requests that missed (gather, run, scatter); a hit
-is approximated from the request's last computed step (``FirstBlockCacheConfig.mode``). All
+resnet and attention). Each request then compares its head residual with its reference,
+``diff = mean|r - r_prev| / mean|r_prev|`` over its cond and uncond rows together (``r_prev``:
+its last computed step's residual, or with ``rule`` accumulated the previous step's, the diffs
+summed since the last computed step), and skips the rest of the UNet when that is under its
+threshold (inside its window, under its run limit). The tail runs only for the rows of requests
+that missed (gather, run, scatter); a hit is approximated from the request's last computed steps
+(``FirstBlockCacheConfig.mode`` and ``order``: held or extrapolated). All
 requests' diffs are divided on the device and read in one sync per step, not one per request.
 Because nothing is decided over the batch, a request gets the same decisions alone or among
 others (up to the last-bit differences of a batched forward, ~1e-6, against thresholds of ~0.1).
@@ -15,7 +17,8 @@ others (up to the last-bit differences of a batched forward, ~1e-6, against thre
 The runner's contract::
 
     state = FirstBlockCache(config).new_state(steps)      # per request, at admission; None: no cache
-    result = FirstBlockCache.forward(unet, rows, states)  # per step, for the whole batch
+    result = FirstBlockCache.forward(unet, rows, states, parts)  # per step, for the whole batch
+    # parts: the model's UNetParts (pipeline.unet.parts: eager; pipeline.unet.compiled)
     result.outputs[i]: request i's noise prediction; result.cached[i]: its step was skipped
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ from diffusers import UNet2DConditionModel
 from pipeline.unet.cache_config import FirstBlockCacheConfig
 from pipeline.unet.cache_state import CacheState
 from pipeline.unet.forward import Forwarded, UNetBatch, UNetRows, forward as plain_forward
-from pipeline.unet.split import Head, check_supported, run_head, run_out, run_tail
+from pipeline.unet.parts import EAGER, UNetParts
+from pipeline.unet.split import Head, check_supported
 
 States = Sequence[CacheState | None]
 
@@ -47,7 +51,8 @@ class FirstBlockCache:
 
     @staticmethod
     @torch.inference_mode()
-    def forward(unet: UNet2DConditionModel, rows: Sequence[UNetRows], states: States) -> Forwarded:
+    def forward(unet: UNet2DConditionModel, rows: Sequence[UNetRows], states: States,
+                parts: UNetParts = EAGER) -> Forwarded:
         """One UNet forward over many requests' rows, each skipping the tail when its cache says so.
 
         ``states[i]`` is request ``i``'s (None: no cache, always computed). When no request has a
@@ -58,31 +63,33 @@ class FirstBlockCache:
         """
         if len(states) != len(rows):
             raise ValueError(f"{len(rows)} requests but {len(states)} cache states")
+        parts.begin_step()  # the model's parts (eager, or compiled: pipeline.unet.compiled)
         if all(state is None for state in states):
             total = sum(r.count for r in rows)
-            return Forwarded(plain_forward(unet, rows), [False] * len(rows), total, total)
+            return Forwarded(plain_forward(unet, rows, parts), [False] * len(rows), total, total)
         check_supported(unet)
         batch = UNetBatch.concat(rows)
-        head = run_head(unet, batch.sample, batch.timestep, batch.encoder_hidden_states,
+        head = parts.head(unet, batch.sample, batch.timestep, batch.encoder_hidden_states,
                         batch.added_cond_kwargs)
         spans = batch.slices
-        residuals, hits = _decide(head, spans, states)
-        tail_out = _run_tail(unet, head, spans, hits)
-        outputs = _scatter(unet, head, tail_out, spans, hits, states)
+        residuals, hits, diffs = _decide(head, spans, states)
+        tail_out = _run_tail(parts, unet, head, spans, hits)
+        outputs = _scatter(parts, unet, head, tail_out, spans, hits, states)
         for i, (out, size) in enumerate(zip(outputs, batch.sizes)):
             if out.shape[0] != size:
                 raise RuntimeError(f"request {i} got {out.shape[0]} output rows, expected {size}")
-        _commit(states, hits, residuals, head, tail_out, outputs, spans)
+        _commit(states, hits, diffs, residuals, head, tail_out, outputs, spans)
         tail_rows = 0 if tail_out is None else tail_out.shape[0]
         return Forwarded(outputs, hits, batch.rows, tail_rows)
 
 
-def _decide(head: Head, spans: list[slice],
-            states: States) -> tuple[list[torch.Tensor | None], list[bool]]:
-    """Each request's head residual and whether it skips, from its own rows only.
+def _decide(head: Head, spans: list[slice], states: States
+            ) -> tuple[list[torch.Tensor | None], list[bool], list[float | None]]:
+    """Each request's head residual, whether it skips and its measured diff, from its own rows
+    only.
 
-    Every request's diff is computed on the device and all are read in ONE sync, then compared
-    with each request's own threshold here.
+    Every request's diff is computed on the device and all are read in ONE sync, then held
+    against each request's own threshold here (``CacheState.hits``: by its own rule).
     """
     residuals: list[torch.Tensor | None] = []
     measured: list[int] = []
@@ -96,33 +103,35 @@ def _decide(head: Head, spans: list[slice],
                 terms.append(state.diff_terms(residual))
         residuals.append(residual)
     hits = [False] * len(states)
+    diffs: list[float | None] = [None] * len(states)
     if terms:
         numerators, denominators = zip(*terms)
-        diffs = (torch.stack(numerators) / torch.stack(denominators)).tolist()
-        for i, diff in zip(measured, diffs):
-            hits[i] = diff < states[i].config.threshold
-    return residuals, hits
+        quotients = (torch.stack(numerators) / torch.stack(denominators)).tolist()
+        for i, diff in zip(measured, quotients):
+            diffs[i] = diff
+            hits[i] = states[i].hits(diff)
+    return residuals, hits, diffs
 
 
-def _run_tail(unet: UNet2DConditionModel, head: Head, spans: list[slice],
+def _run_tail(parts: UNetParts, unet: UNet2DConditionModel, head: Head, spans: list[slice],
               hits: list[bool]) -> torch.Tensor | None:
     """The rest of the UNet for the rows of the requests that missed, in order (None: all hit)."""
     missed = [span for span, hit in zip(spans, hits) if not hit]
     if not missed:
         return None
     tail_head = head if len(missed) == len(spans) else head.select(missed)
-    tail_out = run_tail(unet, tail_head)
+    tail_out = parts.tail(unet, tail_head)
     rows = sum(span.stop - span.start for span in missed)
     if tail_out.shape[0] != rows:
         raise RuntimeError(f"UNet tail returned {tail_out.shape[0]} rows for {rows} inputs")
     return tail_out
 
 
-def _scatter(unet: UNet2DConditionModel, head: Head, tail_out: torch.Tensor | None,
-             spans: list[slice], hits: list[bool], states: States) -> list[torch.Tensor]:
+def _scatter(parts: UNetParts, unet: UNet2DConditionModel, head: Head,
+             tail_out: torch.Tensor | None, spans: list[slice], hits: list[bool], states: States) -> list[torch.Tensor]:
     """Each request's noise prediction: computed from the tail, or approximated from its cache."""
     if not any(hits):  # every row ran the tail, in order: the output layers over all at once
-        return list(run_out(unet, tail_out).split([s.stop - s.start for s in spans]))
+        return list(parts.out(unet, tail_out).split([s.stop - s.start for s in spans]))
     pieces: list[torch.Tensor] = []  # inputs of the output layers, for the rows that need them
     owners: list[int] = []
     tail_offset = 0
@@ -132,28 +141,29 @@ def _scatter(unet: UNet2DConditionModel, head: Head, tail_out: torch.Tensor | No
             pieces.append(tail_out[tail_offset:tail_offset + size])
             tail_offset += size
         elif states[i].config.mode == "residual":
-            pieces.append(head.hidden[span] + states[i].approximation)
+            pieces.append(head.hidden[span] + states[i].extrapolate())
         else:
             continue
         owners.append(i)
     outputs: list[torch.Tensor | None] = [None] * len(hits)
     if pieces:
-        out = run_out(unet, torch.cat(pieces))
+        out = parts.out(unet, torch.cat(pieces))
         for i, piece in zip(owners, out.split([p.shape[0] for p in pieces])):
             outputs[i] = piece
     for i, output in enumerate(outputs):
-        if output is None:  # reuse: the last computed prediction as it is
-            outputs[i] = states[i].approximation.clone()
+        if output is None:  # reuse: from the last computed predictions (order 0: the last as it is)
+            outputs[i] = states[i].extrapolate().clone()
     return outputs
 
 
-def _commit(states: States, hits: list[bool], residuals: list[torch.Tensor | None], head: Head,
+def _commit(states: States, hits: list[bool], diffs: list[float | None],
+            residuals: list[torch.Tensor | None], head: Head,
             tail_out: torch.Tensor | None, outputs: list[torch.Tensor], spans: list[slice]) -> None:
     """Move each request's state by its decision; only now that the forward has succeeded."""
     tail_offset = 0
     for i, (state, span) in enumerate(zip(states, spans)):
         if hits[i]:
-            state.record_hit()
+            state.record_hit(residuals[i], diffs[i])
             continue
         size = span.stop - span.start
         if state is not None:

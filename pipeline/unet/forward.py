@@ -16,6 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from pipeline.conditioning import Conditioning
+from pipeline.unet.parts import EAGER, UNetParts
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,11 @@ class Forwarded:
 
 
 @torch.inference_mode()
-def forward(unet: UNet2DConditionModel, rows: Sequence[UNetRows]) -> list[torch.Tensor]:
-    """One UNet forward over many requests' rows; returns each request's slice, in order."""
+def forward(unet: UNet2DConditionModel, rows: Sequence[UNetRows],
+            parts: UNetParts = EAGER) -> list[torch.Tensor]:
+    """One UNet forward over many requests' rows; returns each request's slice, in order.
+    ``parts``: the model's (``DiffusionModel.unet_parts``); eager, the UNet's own forward."""
     batch = UNetBatch.concat(rows)
-    output = unet(batch.sample, batch.timestep, encoder_hidden_states=batch.encoder_hidden_states,
-                  added_cond_kwargs=batch.added_cond_kwargs, return_dict=False)[0]
+    output = parts.whole(unet, batch.sample, batch.timestep, batch.encoder_hidden_states,
+                         batch.added_cond_kwargs)
     return batch.split(output)

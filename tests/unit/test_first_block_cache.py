@@ -16,6 +16,7 @@ from pipeline.vae import decode_latents
 from pipeline.denoise import DenoiseParams, Trajectory
 from pipeline.errors import InvalidRequestError
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
+from pipeline.unet.cache_state import CacheState, extrapolation_weights
 from pipeline.unet.first_block_cache import FirstBlockCache
 from pipeline.unet.forward import forward
 from pipeline.unet.split import REPRODUCED_DIFFUSERS, run_head, run_out, run_tail
@@ -124,10 +125,15 @@ def test_cache_skips_steps_and_stays_close(builtin_model, mode):
         cache = job.cache
         assert cache.steps_cached >= 8 and cache.steps_computed + cache.steps_cached == 25
         assert not cache.decisions[0]  # nothing to compare with on the first step
+        computed = [s for s, hit in enumerate(cache.decisions) if not hit]
         for step, hit in enumerate(cache.decisions):
-            if hit and mode == "reuse":  # the last computed prediction, as it is
-                last = max(s for s in range(step) if not cache.decisions[s])
-                assert torch.equal(preds[step], preds[last])
+            if hit and mode == "reuse":  # extrapolated from the last computed predictions
+                s0, s1 = [s for s in computed if s < step][-2:]
+                if config.order == 0:
+                    assert torch.equal(preds[step], preds[s1])
+                else:  # first order, in step units
+                    slope = (preds[s1] - preds[s0]) / (s1 - s0)
+                    torch.testing.assert_close(preds[step], preds[s1] + (step - s1) * slope)
         pixels = decode_latents(builtin_model, torch.cat([plain, job.latents]))
         psnrs.append(_psnr(pixels[0], pixels[1]))
     # a loose bound on two images; bench/bench_cache.py measures the mean over dozens of prompts
@@ -151,6 +157,10 @@ def test_batch_invariance_of_decisions_and_images(builtin_model):
     default = default_cache_config("sd15")
     params = [
         DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=11, cache=default),  # the one we watch
+        DenoiseParams(64, 64, steps=22, guidance_scale=5.0, seed=5, sampler="UniPC",
+                      cache=default.with_overrides({"rule": "last_computed", "order": 0})),
+        DenoiseParams(64, 64, steps=25, guidance_scale=4.0, seed=6,
+                      cache=default.with_overrides({"rule": "accumulated", "order": 2, "run_growth": 0})),
         DenoiseParams(64, 64, steps=18, guidance_scale=7.0, seed=1, sampler="Euler a",
                       cache=default.with_overrides({"threshold": 0.3})),
         DenoiseParams(64, 64, steps=25, guidance_scale=5.0, seed=2, sampler="DPM++ 2M",
@@ -181,6 +191,12 @@ def test_batch_invariance_of_decisions_and_images(builtin_model):
     ({"max_consecutive_hits": 2.5}, "cache.max_consecutive_hits"),
     ({"mode": "approximate"}, "cache.mode"),
     ({"treshold": 0.1}, "cache.treshold"),
+    ({"order": 3}, "cache.order"),
+    ({"order": -1}, "cache.order"),
+    ({"order": 1.0}, "cache.order"),
+    ({"rule": "teacache"}, "cache.rule"),
+    ({"run_growth": -1}, "cache.run_growth"),
+    ({"run_growth": None}, "cache.run_growth"),
 ])
 def test_config_validation_names_the_field(overrides, field):
     with pytest.raises(InvalidRequestError) as error:
@@ -189,9 +205,91 @@ def test_config_validation_names_the_field(overrides, field):
 
 
 def test_defaults_per_family():
-    assert default_cache_config("sdxl").threshold == 0.2 and default_cache_config("sdxl").enabled
+    assert default_cache_config("sdxl").threshold > default_cache_config("sd15").threshold and default_cache_config("sdxl").enabled
     assert default_cache_config("sd15").enabled
     assert not FirstBlockCacheConfig().enabled and not default_cache_config("sd15").with_overrides({"threshold": 0}).enabled
     assert default_cache_config("sd15").with_overrides({"max_consecutive_hits": None}).max_consecutive_hits is None
     with pytest.raises(InvalidRequestError):
         default_cache_config("flux")
+
+
+def test_extrapolation_weights_in_step_units():
+    assert extrapolation_weights([7], 9) == [1.0]
+    assert extrapolation_weights([3, 4], 5) == [-1.0, 2.0]  # 2 * p1 - p0
+    # computed at 2 and 5: two steps past 5 moves 2/3 of the last gap's change on
+    torch.testing.assert_close(torch.tensor(extrapolation_weights([2, 5], 7)), torch.tensor([-2 / 3, 5 / 3]))
+    # a parabola through three points is reproduced exactly
+    steps, at = [1, 3, 4], 6
+    value = sum(w * (s * s - 2 * s) for w, s in zip(extrapolation_weights(steps, at), steps))
+    assert math.isclose(value, at * at - 2 * at)
+
+
+def _fake_step(state: CacheState, value: torch.Tensor, residual: torch.Tensor) -> bool:
+    """One step of ``state`` as ``FirstBlockCache.forward`` moves it, with a given head residual
+    and tail value: decides, approximates or records; returns whether it skipped."""
+    hit = False
+    diff = None
+    if state.may_skip():
+        num, den = state.diff_terms(residual)
+        diff = (num / den).item()
+        hit = state.hits(diff)
+    if hit:
+        state.record_hit(residual, diff)
+    else:
+        state.record_computed(residual, value)
+    return hit
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_extrapolation_is_exact_on_a_polynomial_trajectory(order):
+    """A tail value moving as a polynomial of the step, of the config's order, is extrapolated
+    exactly over a run of hits, whatever the gaps between the computed steps."""
+    config = FirstBlockCacheConfig(threshold=10.0, max_consecutive_hits=3, order=order)
+    state = CacheState(config, 20)
+    base, slope, curve = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+
+    def value(step: int) -> torch.Tensor:
+        return base + step * slope + (step * step * curve if order == 2 else 0)
+
+    residual = torch.ones(2, 8, 8, 8)
+    checked = 0
+    for step in range(20):
+        if state.may_skip() and len(state.history) == order + 1:
+            torch.testing.assert_close(state.extrapolate(), value(step), rtol=1e-4, atol=1e-4)
+            checked += 1
+        _fake_step(state, value(step), residual)
+    assert checked >= 8 and state.steps_cached >= 12
+    # order 0 holds the last computed value
+    held = CacheState(dataclasses.replace(config, order=0), 20)
+    for step in range(3):
+        _fake_step(held, value(step), residual)
+    assert held.decisions == [False, True, True] and torch.equal(held.extrapolate(), value(0))
+
+
+def test_accumulated_rule_sums_step_to_step_diffs():
+    """TeaCache's rule: each step's diff is against the previous step's residual (skipped or
+    not), summed since the last computed step; the step whose sum crosses the threshold is
+    computed and the sum starts again. The last_computed rule on the same residuals compares
+    with the computed step's residual, so a residual that walks back and forth keeps skipping."""
+    base = torch.ones(1, 4, 4, 4)
+    # residuals alternating 1.00 / 1.04: each step-to-step diff ~0.04, against the first ~0 or 0.04
+    residuals = [base * (1.04 if k % 2 else 1.0) for k in range(9)]
+    accumulated = CacheState(FirstBlockCacheConfig(threshold=0.1, rule="accumulated"), 9)
+    last = CacheState(FirstBlockCacheConfig(threshold=0.1), 9)
+    for r in residuals:
+        _fake_step(accumulated, r, r)
+        _fake_step(last, r, r)
+    # sums: 0.04, 0.04 + 0.0385 = 0.0785, then + 0.04 = 0.1185 >= 0.1: computed; again from 0
+    assert accumulated.decisions == [False, True, True, False, True, True, False, True, True]
+    assert last.decisions == [False] + [True] * 8
+    assert accumulated.accumulated == pytest.approx(0.04 + 0.04 / 1.04, rel=1e-5)
+
+
+def test_run_growth_lengthens_each_run(builtin_model):
+    """max_consecutive_hits 1, run_growth 1: runs of at most 1, 2, 3, ... skipped steps; the
+    window still holds (a threshold no step reaches, so only the limits decide)."""
+    (cond,) = encode_prompts(builtin_model, [PROMPT], [None])
+    config = FirstBlockCacheConfig(threshold=100.0, start=0.2, end=0.96, max_consecutive_hits=1, run_growth=1)
+    job = Trajectory(builtin_model, cond, DenoiseParams(64, 64, steps=25, seed=1, cache=config))
+    _run_together(builtin_model, [job])
+    assert "".join("x" if hit else "." for hit in job.cache.decisions) == ".....x.xx.xxx.xxxx.xxxxx."
