@@ -82,29 +82,68 @@ def build_whole(args: dict) -> serve.Application:
 
 # --- measuring -----------------------------------------------------------------------------------
 
-def latency(urls: dict[str, str], images: int, steps: int, repeats: int) -> dict[str, list[float]]:
+# Where a DAG request's time goes, from its ``server-timing`` (the Ingress's own clock for
+# ``total``, each stage's for its part) and the client's clock; seconds.
+PARTS = ("proxy and HTTP", "hops and serialization", "queued before the engine", "text encoder",
+         "denoise", "VAE decode")
+
+
+def breakdown(client_s: float, server_timing: str) -> dict[str, float]:
+    """A DAG response's seconds by part: outside the Ingress (Ray's proxy, HTTP, the client),
+    the Ingress to the stages and back beyond their own work (three handle calls, pickling,
+    batching waits), the engine's queue, and each stage's own work."""
+    ms = {k: float(v) for k, v in (entry.split(";dur=") for entry in server_timing.split(", "))}
+    stages = ms["encode"] + ms["queue"] + ms["denoise"] + ms["decode"]
+    parts = (client_s * 1000 - ms["total"], ms["total"] - stages, ms["queue"], ms["encode"],
+             ms["denoise"], ms["decode"])
+    return {name: value / 1000 for name, value in zip(PARTS, parts)}
+
+
+def timed_dag(client: httpx.Client, url: str, payload: dict) -> tuple[float, dict[str, float]]:
+    start = time.perf_counter()
+    response = client.post(url, json=payload)
+    seconds = time.perf_counter() - start
+    response.raise_for_status()
+    return seconds, breakdown(seconds, response.headers["server-timing"])
+
+
+def latency(urls: dict[str, str], images: int, steps: int,
+            repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per run, the median seconds per image at concurrency 1 of the pipeline in this process and
-    of each app over HTTP, sent in turn image by image (same prompt and seed); the first image of
-    each run warms caches and is not counted."""
+    of each app over HTTP, sent in turn image by image (same prompt and seed), and the DAG's
+    median of each part (``PARTS``); the first image of each run warms caches and is not counted."""
     torch.set_num_threads(1)
     model = load_model(MODEL_DIR)
     runs: dict[str, list[float]] = {IN_PROCESS: [], **{name: [] for name in urls}}
+    part_runs: dict[str, list[float]] = {name: [] for name in PARTS}
     with httpx.Client(timeout=600) as client:
         for _ in tqdm(range(repeats), desc="latency runs, concurrency 1"):
             times: dict[str, list[float]] = {name: [] for name in runs}
+            parts: dict[str, list[float]] = {name: [] for name in PARTS}
             for i in range(images + 1):
                 payload = body(i, steps, NO_CACHE)
                 params = DenoiseParams(64, 64, steps=steps, guidance_scale=GUIDANCE, seed=i)
                 start = time.perf_counter()
                 generate(model, payload["prompt"], params)
                 seconds = {IN_PROCESS: time.perf_counter() - start}
-                seconds.update({name: post(client, url, payload) for name, url in urls.items()})
+                seconds[DAG], dag_parts = timed_dag(client, urls[DAG], payload)
+                seconds.update({name: post(client, url, payload) for name, url in urls.items()
+                                if name != DAG})
                 if i:
                     for name, value in seconds.items():
                         times[name].append(value)
+                    for name, value in dag_parts.items():
+                        parts[name].append(value)
             for name, values in times.items():
                 runs[name].append(statistics.median(values))
-    return runs
+            for name, values in parts.items():
+                part_runs[name].append(statistics.median(values))
+    return runs, part_runs
+
+
+def parts_table(parts: dict[str, list[float]]) -> str:
+    return markdown_table(["a DAG request at concurrency 1", "ms (median of the runs' medians)"],
+                          [(name, Repeated.of([v * 1000 for v in values])) for name, values in parts.items()])
 
 
 def tables(latencies: dict[str, list[float]], rates: dict[str, dict[int, list[float]]]) -> str:
@@ -140,14 +179,14 @@ def main() -> None:
         ], timeout_s=600)  # replicas start slowly on busy cores
         urls = {DAG: f"{base}/dag/v1/generate", WHOLE: f"{base}/whole/v1/generate"}
         wait_http(f"{base}/dag/healthz")
-        latencies = latency(urls, args.latency_images, args.steps, args.repeats)
+        latencies, parts = latency(urls, args.latency_images, args.steps, args.repeats)
         rates = throughput_runs({name: (url, NO_CACHE) for name, url in urls.items()}, levels,
                                 lambda c: max(8, 2 * c), args.steps, args.repeats)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    report.record("DAG: latency and throughput", tables(latencies, rates),
+    report.record("DAG: latency and throughput", tables(latencies, rates) + "\n\n" + parts_table(parts),
                   f"tiny-shapes, 64x64, Euler, {args.steps} steps, guidance 5, First Block Cache off. "
                   f"Target: DAG latency / in-process <= 1.10. Each app has {RAY_CPUS} CPUs of Ray "
                   "resources on the same 2 cores, used in turn: the DAG as Ingress, TextEncoder, "
@@ -157,7 +196,10 @@ def main() -> None:
                   "each through the three in turn (same prompt and seed), after one that warms caches; "
                   "its figure is the median over its images. Throughput: a run sends max(8, 2 x "
                   "concurrency) requests from that many clients to each app in turn, after one warm-up "
-                  f"request. {args.repeats} runs of each.")
+                  "request. The parts of a DAG request come from its server-timing header (each stage's "
+                  "own clock, the Ingress's for the total) and the client's clock: the proxy and HTTP "
+                  "are the client's time beyond the Ingress's, the hops what the Ingress waited beyond "
+                  f"the stages' own work. {args.repeats} runs of each.")
     report.save_figure(plot(levels, rates, latencies, args.steps), "dag")
 
 

@@ -15,6 +15,7 @@ which the caller passes on to the VAEDecoder.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, AsyncIterator, Awaitable
 
 from ray import serve
@@ -23,22 +24,32 @@ from pipeline.denoise import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.engine.request import OnStep
 from pipeline.init_image import InitImage
+from pipeline.model import DiffusionModel
+from pipeline.unet.compiled import CompileOptions, compile_unet
 
 from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
 from deployments.replica import StageReplica
 from deployments.reporting import Report, ReportingTask
 from deployments.settings import DenoiserKnobs, StageSettings
+from deployments.startup import StartupClock
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Denoiser", max_ongoing_requests=32)
 class Denoiser(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
-        super().__init__(settings, components=("unet",))
+        clock = StartupClock("Denoiser")
+        self.compiled_models = frozenset(settings.compiled_models)
+        self.compile_options = CompileOptions(mode=knobs.compile_mode, cache_dir=knobs.compile_cache_dir,
+                                              max_rows=knobs.max_batch_rows)
+        super().__init__(settings, components=("unet",), prepare=self._compile)
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
                                     activate_adapters=self.store.activate_loras,
                                     read_adapters=self.store.read_loras)
         await self.store.start()
+        clock.log()
 
     async def denoise(self, encoded: Encoded, params: DenoiseParams,
                       init: InitImage | None = None) -> Denoised:
@@ -72,6 +83,14 @@ class Denoiser(StageReplica):
                    "denoise": result.denoise_s * 1000}
         return Denoised(encoded.model, result.latents, timings,
                         steps_computed=result.steps_computed, steps_cached=result.steps_cached)
+
+    def _compile(self, model: DiffusionModel) -> None:
+        """A model configured with ``compile: true``: its UNet compiled and warmed over the
+        engine's batch sizes as it loads (at replica start for the default model), the time
+        logged; inductor's cache (``compile_cache_dir``) makes a restart's compile quick."""
+        if model.name in self.compiled_models:
+            model.unet_parts = compile_unet(model.unet, self.compile_options, name=model.name,
+                                            log=logger.info)
 
     def stage_stats(self) -> dict[str, Any]:
         """This replica's engine counters, for tests and operators: forwards and rows run,

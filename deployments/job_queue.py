@@ -33,6 +33,7 @@ from deployments.api.serving import Serving, Stages
 from deployments.job_store import FINISHED, Job, JobImage, JobStatus, JobStore, QueueFull
 from deployments.messages import Decoded, StepProgress
 from deployments.settings import JobSettings
+from deployments.startup import StartupClock
 
 logger = logging.getLogger("ray.serve")
 SWEEP_S = 5.0  # how often expired jobs are dropped and the gauges set when nothing else happens
@@ -43,6 +44,7 @@ Event = tuple[str, dict[str, Any]]  # (name, data), as the events stream sends t
 class JobQueue:
     async def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
                  vae_decoder: DeploymentHandle, settings: JobSettings, timeout_s: float) -> None:
+        clock = StartupClock("JobQueue")
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), timeout_s)
         self.settings = settings
         self.store = JobStore(settings.ttl_s, settings.max_queued, settings.max_jobs,
@@ -51,6 +53,7 @@ class JobQueue:
         self.running: dict[str, asyncio.Task] = {}
         self.watchers: dict[str, set[asyncio.Queue[Event]]] = {}
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        clock.log()
 
     # --- what the Ingress calls --------------------------------------------------------------
 

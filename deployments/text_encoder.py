@@ -33,6 +33,7 @@ from deployments.batching import raise_if_error, run_grouped
 from deployments.messages import Encoded, EncodeRequest
 from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
+from deployments.startup import StartupClock
 
 # SD1.5 conditioning is ~0.5 MB in fp32 and SDXL's ~1.3 MB in fp32 (half in fp16): 128 entries
 # stay well under a few hundred MB even for SDXL.
@@ -89,6 +90,7 @@ class EmbeddingCache:
 class TextEncoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs,
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        clock = StartupClock("TextEncoder")
         super().__init__(settings, components=("text_encoders",))
         self.cache = EmbeddingCache(cache_size)
         self.embeddings = (LoadedEmbeddings(EmbeddingLibrary(settings.embeddings_dir))
@@ -96,6 +98,7 @@ class TextEncoder(StageReplica):
         knobs.apply_to(self._encode_batch)
         self._cache_size_changed()
         await self.store.start()
+        clock.log()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's ``user_config`` (``deployments: - name: TextEncoder user_config:

@@ -30,6 +30,7 @@ from deployments.batching import raise_if_error, run_grouped
 from deployments.messages import Decoded, Denoised
 from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
+from deployments.startup import StartupClock
 
 DecodeItem = tuple[Denoised, "str | None", "InitImage | None", DiffusionModel]
 """Latents at hand, PNG text, the init image to paste into (inpainting), the model."""
@@ -39,10 +40,12 @@ EncodeItem = tuple[SourceImage, DiffusionModel]
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
 class VAEDecoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
+        clock = StartupClock("VAEDecoder")
         super().__init__(settings, components=("vae",))
         knobs.apply_to(self._decode_batch)
         knobs.apply_to(self._encode_batch)
         await self.store.start()
+        clock.log()
 
     async def decode(self, denoised: Denoised, png_parameters: str | None = None,
                      init: InitImage | None = None) -> Decoded:

@@ -7,6 +7,8 @@ selected checkpoint and progress are per replica, as they are per server in A111
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from pydantic import BaseModel, PositiveFloat
 from ray import serve
@@ -22,8 +24,10 @@ from deployments.api.errors import install_error_handlers
 from deployments.api.generation import ServedModels
 from deployments.api.keys import AuthSettings
 from deployments.api.middleware import install_guards, install_middleware
+from deployments.api.readiness import Readiness
 from deployments.api.serving import Serving, Stages
 from deployments.settings import JobSettings, Limits, StageSettings
+from deployments.startup import StartupClock
 
 TEXT_BODY_BYTES = 1 << 20  # prompts are short; anything bigger is a mistake or an attack
 
@@ -46,7 +50,8 @@ class IngressSettings(BaseModel):
 
 
 def build_api(serving: Serving, models: ServedModels, settings: IngressSettings,
-              job_queue: DeploymentHandle | None = None) -> FastAPI:
+              job_queue: DeploymentHandle | None = None,
+              readiness: Readiness | None = None) -> FastAPI:
     """The HTTP API over ``serving``, ``models`` and the ``job_queue``; OpenAPI at
     ``/openapi.json``, the page for people at ``/``.
 
@@ -58,7 +63,7 @@ def build_api(serving: Serving, models: ServedModels, settings: IngressSettings,
                    a1111_tools.router):
         app.include_router(router)
     job_client = None if job_queue is None else jobs.JobsClient(job_queue, settings.jobs)
-    app.state.native = native.NativeApi(serving, models)
+    app.state.native = native.NativeApi(serving, models, readiness)
     app.state.jobs = jobs.JobsApi(job_client, models)
     app.state.openai = openai.OpenAIApi(serving, models, job_client)
     app.state.a1111 = a1111.A1111Api(serving, models)
@@ -75,9 +80,10 @@ def build_api(serving: Serving, models: ServedModels, settings: IngressSettings,
 @serve.deployment(name="Ingress", max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
-    def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
-                 vae_decoder: DeploymentHandle, job_queue: DeploymentHandle,
-                 settings: IngressSettings) -> None:
+    async def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
+                       vae_decoder: DeploymentHandle, job_queue: DeploymentHandle,
+                       settings: IngressSettings) -> None:
+        clock = StartupClock("Ingress")
         stage = settings.stage
         self.serving = Serving(Stages(text_encoder, denoiser, vae_decoder), settings.request_timeout_s)
         self.models = ServedModels(stage.catalog(), stage.default_model, settings.limits,
@@ -86,6 +92,9 @@ class Ingress:
                                    EmbeddingLibrary(stage.embeddings_dir) if stage.embeddings_dir
                                    else None)
         self.settings, self.job_queue = settings, job_queue
+        self.readiness = Readiness(self.models.catalog.names())
+        self._watch = asyncio.get_running_loop().create_task(self.readiness.watch())
+        clock.log()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self.serving, self.models, self.settings, self.job_queue)
+        return build_api(self.serving, self.models, self.settings, self.job_queue, self.readiness)

@@ -10,7 +10,7 @@ import time
 from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
@@ -18,7 +18,7 @@ from pipeline.images import png_base64
 from pipeline.samplers import DEFAULT_SAMPLER
 
 from deployments.api.embeddings import native_embeddings
-from deployments.api.errors import ApiError, error_body, internal_error_body
+from deployments.api.errors import ApiError, error_body, error_response, internal_error_body
 from deployments.api.generation import Generation, ServedModels
 from deployments.api.image_input import decode_image, decode_mask
 from deployments.api.init_images import FILLS, InitRequest, image_size, with_init
@@ -26,6 +26,7 @@ from deployments.api.protocol import (PING_S, DEFAULT_GUIDANCE_SCALE, DEFAULT_ST
                                       SERVER_ERRORS, CacheRequest, ClipSkip, FillIndex, GuidanceScale,
                                       ImageData, ImageSide, LoraRequest, MaskBlur, Name,
                                       ResizeMode, Seed, Steps, Strength, Text, lora_pairs)
+from deployments.api.readiness import RETRY_AFTER_S as READY_RETRY_AFTER_S, Readiness
 from deployments.api.serving import Serving
 from deployments.settings import Limits
 from deployments.messages import Decoded, StepProgress
@@ -62,6 +63,11 @@ class GenerateRequest(BaseModel):
     resize_mode: ResizeMode = 0
     # streaming: each step event carries a small PNG of the image so far (latent-sized)
     previews: bool = False
+
+
+class Health(BaseModel):
+    status: str  # "ok"
+    default_model: str
 
 
 def to_generation(body: GenerateRequest, models: ServedModels) -> Generation:
@@ -118,8 +124,9 @@ def _image_headers(generation: Generation, decoded: Decoded, total_ms: float) ->
 
 
 class NativeApi:
-    def __init__(self, serving: Serving, models: ServedModels) -> None:
-        self.serving, self.models = serving, models
+    def __init__(self, serving: Serving, models: ServedModels,
+                 readiness: Readiness | None = None) -> None:
+        self.serving, self.models, self.readiness = serving, models, readiness
 
     async def generate(self, body: GenerateRequest) -> Response:
         start = time.perf_counter()
@@ -179,8 +186,12 @@ class NativeApi:
     async def list_embeddings(self) -> dict[str, Any]:
         return await native_embeddings(self.models)
 
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok", "default_model": self.models.default_model}
+    def health(self) -> Response:
+        """200 once every stage is up; 503 ``starting`` (Retry-After) while models still load."""
+        if self.readiness is not None and not self.readiness.ready:
+            return error_response(503, None, "starting: the models are still loading",
+                                  "starting", {"Retry-After": str(READY_RETRY_AFTER_S)})
+        return JSONResponse({"status": "ok", "default_model": self.models.default_model})
 
 
 def _api(request: Request) -> NativeApi:
@@ -223,6 +234,7 @@ async def embeddings(api: Api) -> dict[str, Any]:
     return await api.list_embeddings()
 
 
-@router.get("/healthz")
-async def healthz(api: Api) -> dict[str, Any]:
+@router.get("/healthz", response_model=Health)
+async def healthz(api: Api) -> Response:
+    """200 when the service is ready: every stage's replicas up, the models loaded."""
     return api.health()

@@ -37,22 +37,27 @@ def config_to_run(tmp_path: Path) -> tuple[Path, int]:
     return copy, port
 
 
-def wait_for_image(url: str, process: subprocess.Popen, timeout_s: float) -> httpx.Response:
+def wait_for_ready_line(log: Path, process: subprocess.Popen, timeout_s: float) -> tuple[str, list]:
+    """The line saying the service is ready, and what /healthz answered while waiting for it."""
     deadline = time.monotonic() + timeout_s
-    last: object = None
+    healthz: list = []
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"serve run exited early with {process.returncode}")
+        ready = [line for line in log.read_text().splitlines() if "Raydiance is ready" in line]
+        if ready:
+            return ready[0], healthz
         try:
-            response = httpx.post(f"{url}/v1/generate", timeout=60,
-                                  json={"prompt": "a red circle on a blue background", "seed": 1})
-            if response.status_code == 200:
-                return response
-            last = (response.status_code, response.text[:200])
-        except httpx.HTTPError as error:
-            last = error
-        time.sleep(1)
-    pytest.fail(f"no image from {url} after {timeout_s}s (last: {last!r})")
+            response = httpx.get(f"{url_of(log)}/healthz", timeout=10)
+            healthz.append((response.status_code, response.headers.get("retry-after")))
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"no ready line after {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+def url_of(log: Path) -> str:
+    return log.parent.joinpath("url").read_text()
 
 
 def test_serve_run_first_image_then_clean_shutdown(tmp_path):
@@ -61,6 +66,8 @@ def test_serve_run_first_image_then_clean_shutdown(tmp_path):
     script = Path(sys.executable).parent / "serve"  # the `serve` of this interpreter's environment
     serve_cli = [str(script)] if script.exists() else [sys.executable, "-c",
                                                        "from ray.serve.scripts import cli; cli()"]
+    url = f"http://127.0.0.1:{port}"
+    (tmp_path / "url").write_text(url)
     log = open(tmp_path / "serve_run.log", "w")
     # A shell runs background jobs with SIGINT ignored, and children inherit that: give `serve
     # run` the default handling, as in a terminal, so that Ctrl-C (SIGINT) reaches it.
@@ -69,12 +76,21 @@ def test_serve_run_first_image_then_clean_shutdown(tmp_path):
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         start = time.monotonic()
-        response = wait_for_image(f"http://127.0.0.1:{port}", process, timeout_s=240)
+        line, healthz = wait_for_ready_line(tmp_path / "serve_run.log", process, timeout_s=240)
+        ready_s = time.monotonic() - start
+        assert f"{url}/" in line, line
+        # before the line /healthz never said ok: 503 with Retry-After while the models loaded
+        assert all(status == 503 and retry for status, retry in healthz if status != 404), healthz
+        # the line means it: the first request after it is served, and /healthz says ok
+        assert httpx.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+        response = httpx.post(f"{url}/v1/generate", timeout=60,
+                              json={"prompt": "a red circle on a blue background", "seed": 1})
         first_image_s = time.monotonic() - start
+        assert response.status_code == 200, response.text[:300]
         assert response.headers["content-type"] == "image/png"
         assert response.content.startswith(b"\x89PNG")
         assert response.headers["x-raydiance-seed"] == "1"
-        print(f"first image after {first_image_s:.1f}s")
+        print(f"ready line after {ready_s:.1f}s, first image after {first_image_s:.1f}s")
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 0
