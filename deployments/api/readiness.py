@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from ray import serve
 from ray.serve.schema import ApplicationStatus
@@ -24,22 +23,21 @@ POLL_S = 0.5
 RETRY_AFTER_S = 2
 
 
-@dataclass(frozen=True)
-class AppState:
-    """What Serve says about one application."""
+def running(app_name: str) -> bool:
+    """Whether Serve reports ``app_name`` RUNNING (a blocking call to the controller; Serve's
+    status summary, asked every ``POLL_S`` while the replicas start)."""
+    app = serve.status().applications.get(app_name)
+    return app is not None and app.status == ApplicationStatus.RUNNING
 
-    status: ApplicationStatus  # DEPLOYING, RUNNING, UNHEALTHY, ...
-    url: str  # where clients reach it, e.g. http://127.0.0.1:8000/
 
-
-def app_state(app_name: str) -> AppState:
-    """Serve's status of ``app_name`` and its URL (a blocking call to the controller)."""
+def app_url(app_name: str) -> str:
+    """Where clients reach ``app_name``, e.g. http://127.0.0.1:8000/ (a blocking call to the
+    controller for Serve's full details: asked once, when the app is up)."""
     details = _get_global_client().get_serve_details()
-    app = details["applications"][app_name]
     http = details["http_options"]
     host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
-    prefix = app.get("route_prefix") or "/"
-    return AppState(ApplicationStatus(app["status"]), f"http://{host}:{http['port']}{prefix}")
+    prefix = details["applications"][app_name].get("route_prefix") or "/"
+    return f"http://{host}:{http['port']}{prefix}"
 
 
 class Readiness:
@@ -51,17 +49,22 @@ class Readiness:
 
     async def watch(self) -> None:
         app_name = serve.get_replica_context().app_name
-        while not self.ready:
-            try:
-                state = await asyncio.to_thread(app_state, app_name)
-            except Exception:  # the controller restarting, the app not listed yet: ask again
-                logger.debug("application status not available yet", exc_info=True)
-                state = None
-            if state is not None and state.status == ApplicationStatus.RUNNING:
-                self.ready = True
-                logger.info("Raydiance is ready: %s (models: %s). Try: curl -sSf %sv1/generate "
-                            "-H 'content-type: application/json' -d '{\"prompt\": \"a red circle "
-                            "on a blue background\"}' -o image.png", state.url,
-                            ", ".join(self.models), state.url)
-                return
+        while not await self._running(app_name):
             await asyncio.sleep(POLL_S)
+        self.ready = True
+        try:
+            url = await asyncio.to_thread(app_url, app_name)
+        except Exception:  # the line still says ready; the port is serve_config.yaml's
+            logger.debug("application URL not available", exc_info=True)
+            url = "http://<http_options.host>:<http_options.port>/"
+        logger.info("Raydiance is ready: %s (models: %s). Try: curl -sSf %sv1/generate "
+                    "-H 'content-type: application/json' -d '{\"prompt\": \"a red circle "
+                    "on a blue background\"}' -o image.png", url, ", ".join(self.models), url)
+
+    @staticmethod
+    async def _running(app_name: str) -> bool:
+        try:
+            return await asyncio.to_thread(running, app_name)
+        except Exception:  # the controller restarting: ask again
+            logger.debug("application status not available yet", exc_info=True)
+            return False
