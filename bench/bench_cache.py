@@ -43,7 +43,8 @@ from bench.report import Repeated, markdown_table, medians, parse_args, pyplot, 
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.vae import decode_latents
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.engine.runner import run_step
 from pipeline.loading import load_model
 from pipeline.model import DiffusionModel

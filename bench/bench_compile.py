@@ -40,7 +40,8 @@ from diffusers import UNet2DConditionModel
 from bench.bench_engine import NATIVE_SIZE, builtin, random_conditioning, random_full_size
 from bench.report import Repeated, markdown_table, number, parse_args, pyplot, ratio
 from pipeline.conditioning import Conditioning
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine.runner import run_step
 from pipeline.model import DiffusionModel

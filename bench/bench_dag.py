@@ -40,7 +40,7 @@ from bench.local_apps import (GUIDANCE, NO_CACHE, RAY_CPUS, app, body, deploy_ap
                               start_ray, throughput_runs)
 from bench.report import (Repeated, markdown_table, medians, parse_args, plot_levels, pyplot,  # noqa: E402
                           ratio, spreads)
-from pipeline.denoise import DenoiseParams  # noqa: E402
+from pipeline.request_params import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.images import encode_png  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402

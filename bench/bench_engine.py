@@ -31,7 +31,7 @@ from bench.full_size import random_model
 from bench.report import Repeated, checked, markdown_table, parse_args, plot_levels, pyplot, ratio
 from pipeline.unet.cache_config import default_cache_config
 from pipeline.conditioning import Conditioning
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine import DenoiseEngine, EngineResult
 from pipeline.model import DiffusionModel

@@ -48,7 +48,7 @@ from bench.full_size import FAMILIES, FORMATS, model_path  # noqa: E402
 from bench.local_apps import NO_CACHE, deploy_apps, start_ray  # noqa: E402
 from bench.report import Repeated, checked, markdown_table, medians, parse_args, pyplot, spreads  # noqa: E402
 from deployments.torch_worker import pin_torch_threads  # noqa: E402
-from pipeline.denoise import DenoiseParams  # noqa: E402
+from pipeline.request_params import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.images import encode_png  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402

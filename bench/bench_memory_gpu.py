@@ -50,12 +50,13 @@ from bench.full_size import FAMILIES, ensure_file, ensure_folder, random_model
 from bench.report import Repeated, checked, markdown_table, medians, parse_args, pyplot, ratio, spreads
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.vae import decode_latents
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.device import default_dtype, select_device
 from pipeline.engine import DenoiseEngine, EngineResult
 from pipeline.loading import load_model
 from pipeline.memory import component_bytes, release_freed_memory
-from pipeline.model import COMPONENTS, Component, DiffusionModel
+from pipeline.model import DiffusionModel
+from pipeline.model_configs import COMPONENTS, Component
 
 NATIVE_SIZE = {"sd15": 512, "sdxl": 1024}
 GUIDANCE = 5.0

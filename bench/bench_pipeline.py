@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
 from bench.report import Repeated, markdown_table, medians, parse_args, pyplot, ratio, spreads
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate
 from pipeline.loading import load_model
 from pipeline.model import DiffusionModel

@@ -37,7 +37,8 @@ from pipeline.clip_tokenizer import clip_tokenizer
 from pipeline.configs import bundled_config
 from pipeline.device import for_inference, vae_dtype
 from pipeline.loading import load_model
-from pipeline.model import COMPONENTS, Component, DiffusionModel, ModelConfigs, TextEncoders
+from pipeline.model import DiffusionModel, TextEncoders
+from pipeline.model_configs import COMPONENTS, Component, ModelConfigs
 
 FAMILIES = ("sd15", "sdxl")
 FORMATS = ("folder", "file")

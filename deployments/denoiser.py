@@ -16,16 +16,11 @@ which the caller passes on to the VAEDecoder.
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable
 
 from ray import serve
 
-from pipeline.denoise import DenoiseParams
-from pipeline.engine import DenoiseEngine
-from pipeline.engine.request import OnStep
-from pipeline.init_image import InitImage
-from pipeline.model import DiffusionModel
-from pipeline.unet.compiled import CompileOptions, compile_unet
+from pipeline.request_params import DenoiseParams
 
 from deployments.messages import Denoised, Encoded, StepProgress
 from deployments.metrics import EngineMetrics
@@ -34,6 +29,11 @@ from deployments.reporting import Report, ReportingTask
 from deployments.settings import DenoiserKnobs, StageSettings
 from deployments.startup import StartupClock
 
+if TYPE_CHECKING:
+    from pipeline.engine.request import OnStep
+    from pipeline.init_image import InitImage
+    from pipeline.model import DiffusionModel
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -41,10 +41,14 @@ logger = logging.getLogger("ray.serve")
 class Denoiser(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: DenoiserKnobs) -> None:
         clock = StartupClock("Denoiser")
+        from pipeline.engine import DenoiseEngine  # torch: see deployments.replica
+        from pipeline.unet.compiled import CompileOptions
+
         self.compiled_models = frozenset(settings.compiled_models)
         self.compile_options = CompileOptions(mode=knobs.compile_mode, cache_dir=knobs.compile_cache_dir,
                                               max_rows=knobs.max_batch_rows)
         super().__init__(settings, components=("unet",), prepare=self._compile)
+        clock.imported()
         self.engine = DenoiseEngine(max_batch_rows=knobs.max_batch_rows, observer=EngineMetrics(),
                                     activate_adapters=self.store.activate_loras,
                                     read_adapters=self.store.read_loras)
@@ -81,13 +85,15 @@ class Denoiser(StageReplica):
                                           previews=previews)
         timings = {**encoded.timings, "queue": result.queued_s * 1000,
                    "denoise": result.denoise_s * 1000}
-        return Denoised(encoded.model, result.latents, timings,
+        return Denoised(encoded.model, result.latents.float().numpy(), timings,
                         steps_computed=result.steps_computed, steps_cached=result.steps_cached)
 
     def _compile(self, model: DiffusionModel) -> None:
         """A model configured with ``compile: true``: its UNet compiled and warmed over the
         engine's batch sizes as it loads (at replica start for the default model), the time
         logged; inductor's cache (``compile_cache_dir``) makes a restart's compile quick."""
+        from pipeline.unet.compiled import compile_unet
+
         if model.name in self.compiled_models:
             model.unet_parts = compile_unet(model.unet, self.compile_options, name=model.name,
                                             log=logger.info)

@@ -1,10 +1,10 @@
-"""What crosses a stage boundary: small dataclasses of CPU tensors plus the timings so far.
+"""What crosses a stage boundary: small dataclasses of CPU tensors or arrays, and the timings so far.
 
 - Ingress -> TextEncoder: ``EncodeRequest`` (text only).
 - TextEncoder -> Denoiser: ``Encoded`` (the conditioning), replica to replica: the Ingress
   passes the TextEncoder's response on unresolved.
-- Denoiser -> VAEDecoder: ``Denoised``. From ``denoise`` it goes replica to replica like
-  ``Encoded``, latents included. From ``denoise_stream`` it goes through the caller (which reads
+- Denoiser -> VAEDecoder: ``Denoised``, its latents as numpy. From ``denoise`` it goes replica
+  to replica like ``Encoded``. From ``denoise_stream`` it goes through the caller (which reads
   the ``StepProgress`` before it), latents included: they are small (SDXL 1024 px: 256 kB), and
   an ``ObjectRef`` put by the Denoiser and passed on from a stream item was at times freed by
   Ray's reference counting before the VAEDecoder read it (ReferenceCountingAssertionError).
@@ -16,13 +16,15 @@ per-stage timings although the data went replica to replica without passing thro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from pipeline.conditioning import Conditioning
-from pipeline.embeddings import PromptEmbeddings
-from pipeline.lora import LoraSet
+from pipeline.embedding_library import PromptEmbeddings
+from pipeline.lora_set import LoraSet
+
+if TYPE_CHECKING:  # the Ingress imports this module, and never torch: only stages hold tensors
+    from pipeline.conditioning import Conditioning
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class StepProgress:
 @dataclass
 class Denoised:
     model: str
-    latents: torch.Tensor  # (1, C, h, w) on the CPU
+    latents: np.ndarray  # (1, C, h, w) float32: numpy, so the Ingress reads a stream's without torch
     timings: dict[str, float] = field(default_factory=dict)
     steps_computed: int = 0  # UNet steps run in full
     steps_cached: int = 0  # steps First Block Cache approximated

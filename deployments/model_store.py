@@ -19,9 +19,11 @@ from pipeline.device import default_dtype, select_device
 from pipeline.errors import InvalidRequestError
 from pipeline.library import FileVersion, LoraLibrary
 from pipeline.loading import load_model
-from pipeline.lora import AdapterManager, LoraSet
+from pipeline.lora import AdapterManager
+from pipeline.lora_set import LoraSet
 from pipeline.memory import component_bytes, process_memory
-from pipeline.model import Component, DiffusionModel
+from pipeline.model import DiffusionModel
+from pipeline.model_configs import Component
 
 from deployments import metrics
 from deployments.metrics import LoadTimer

@@ -12,7 +12,7 @@ from typing import Any
 
 import ray
 
-from pipeline.device import Accelerator
+from pipeline.accelerator import Accelerator
 
 from deployments.settings import Placement
 

@@ -5,21 +5,28 @@ of what it holds.
 
 ``StageReplica`` is a plain base class: the ``@serve.deployment`` stages inherit its methods,
 and Serve finds the multiplexed ``model_slots`` among the instance's attributes.
+
+The stages import torch, diffusers and transformers inside their methods, never at module level:
+``deployments.app`` imports every deployment's module to bind it, in the Ray task that builds the
+application (and the Ingress replica imports the app's modules too), and neither ever runs a
+stage. A module-level import would cost both seconds of CPU at each cold start
+(``tests/unit/test_code_shape.py`` checks). Serve pickles a deployment's class by value when it
+is declared, so even a lazily loaded module object in its globals would be imported then.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
-import torch
 from ray import serve
 
-from pipeline.model import Component, DiffusionModel
+from pipeline.model_configs import Component
 
-from deployments.model_store import ModelStore
 from deployments.settings import StageSettings
-from deployments.torch_worker import TorchWorker, pin_torch_threads
+
+if TYPE_CHECKING:
+    from pipeline.model import DiffusionModel
 
 
 class StageReplica:
@@ -29,6 +36,9 @@ class StageReplica:
 
     def __init__(self, settings: StageSettings, components: tuple[Component, ...],
                  prepare: Callable[[DiffusionModel], None] | None = None) -> None:
+        from deployments.model_store import ModelStore  # torch, diffusers: see the module's doc
+        from deployments.torch_worker import TorchWorker, pin_torch_threads
+
         pin_torch_threads()
         self.worker = TorchWorker()
         self.store = ModelStore(settings, self.worker, components, prepare)
@@ -52,6 +62,8 @@ class StageReplica:
     def placement(self) -> dict[str, Any]:
         """What Ray handed this replica and what it runs on (the two differ on a fake GPU node):
         the device and dtype are those of the stage's own component, as loaded."""
+        import torch
+
         store = self.store
         device, dtype = store.device, store.dtype
         models = store.held.models()

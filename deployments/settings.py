@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from pipeline.device import Accelerator
+from pipeline.accelerator import Accelerator
 from pipeline.library import ModelCatalog
 
 from deployments.api.admission import BackpressureSettings

@@ -16,17 +16,14 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 from ray import serve
 
-from pipeline.conditioning import Conditioning, encode_prompts
-from pipeline.embeddings import EmbeddingLibrary, LoadedEmbeddings, TextEmbedding, versions
+from pipeline.embedding_library import EmbeddingLibrary
 from pipeline.errors import InvalidRequestError
-from pipeline.lora import LoraSet
-from pipeline.model import DiffusionModel
-from pipeline.prompt_tokens import check_encodable
+from pipeline.lora_set import LoraSet
 
 from deployments import metrics
 from deployments.batching import raise_if_error, run_grouped
@@ -40,7 +37,12 @@ from deployments.startup import StartupClock
 DEFAULT_CACHE_SIZE = 128
 CACHE_SIZE_KEY = "embedding_cache_size"
 
-EncodeItem = tuple[EncodeRequest, DiffusionModel, dict[str, TextEmbedding]]
+if TYPE_CHECKING:
+    from pipeline.conditioning import Conditioning
+    from pipeline.embeddings import TextEmbedding
+    from pipeline.model import DiffusionModel
+
+    EncodeItem = tuple[EncodeRequest, DiffusionModel, dict[str, TextEmbedding]]
 
 
 class EmbeddingCache:
@@ -91,7 +93,10 @@ class TextEncoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs,
                  cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         clock = StartupClock("TextEncoder")
+        from pipeline.embeddings import LoadedEmbeddings  # torch: see deployments.replica
+
         super().__init__(settings, components=("text_encoders",))
+        clock.imported("pipeline.conditioning", "pipeline.prompt_tokens")
         self.cache = EmbeddingCache(cache_size)
         self.embeddings = (LoadedEmbeddings(EmbeddingLibrary(settings.embeddings_dir))
                            if settings.embeddings_dir else None)
@@ -115,6 +120,9 @@ class TextEncoder(StageReplica):
         metrics.set_gauge("raydiance_embedding_cache_entries", len(self.cache))
 
     async def encode(self, request: EncodeRequest) -> Encoded:
+        from pipeline.embeddings import versions  # torch: see deployments.replica
+        from pipeline.prompt_tokens import check_encodable
+
         start = time.perf_counter()
         conditioning = self.cache.get((request, await self.store.version(request.model)))
         if conditioning is not None:
@@ -161,6 +169,8 @@ class TextEncoder(StageReplica):
 
     def _encode_group(self, items: list[EncodeItem]) -> list[Encoded]:
         """One CLIP forward for requests of one model and LoRA set, on the torch thread."""
+        from pipeline.conditioning import encode_prompts  # torch: see deployments.replica
+
         start = time.perf_counter()
         (first, model, _), requests = items[0], [request for request, _, _ in items]
         self.store.activate_loras(model, first.loras)

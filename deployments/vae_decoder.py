@@ -15,15 +15,13 @@ back than pixels.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 from ray import serve
 
-from pipeline.vae import decode_latents
 from pipeline.images import encode_png
-from pipeline.init_image import InitImage, SourceImage, encode_init_images
-from pipeline.model import DiffusionModel
-from pipeline.upscale import upscale_for_second_pass
+from pipeline.request_params import SourceImage
 
 from deployments import metrics
 from deployments.batching import raise_if_error, run_grouped
@@ -32,9 +30,14 @@ from deployments.replica import StageReplica
 from deployments.settings import BatchKnobs, StageSettings
 from deployments.startup import StartupClock
 
-DecodeItem = tuple[Denoised, "str | None", "InitImage | None", DiffusionModel]
-"""Latents at hand, PNG text, the init image to paste into (inpainting), the model."""
-EncodeItem = tuple[SourceImage, DiffusionModel]
+if TYPE_CHECKING:
+    from pipeline.init_image import InitImage
+    from pipeline.model import DiffusionModel
+
+    DecodeItem = tuple[Denoised, str | None, InitImage | None, DiffusionModel]
+    """Latents at hand, PNG text, the init image to paste into (inpainting), the model."""
+    EncodeItem = tuple[SourceImage, DiffusionModel]
+
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
@@ -42,6 +45,7 @@ class VAEDecoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:
         clock = StartupClock("VAEDecoder")
         super().__init__(settings, components=("vae",))
+        clock.imported("pipeline.vae", "pipeline.init_image", "pipeline.upscale")
         knobs.apply_to(self._decode_batch)
         knobs.apply_to(self._encode_batch)
         await self.store.start()
@@ -59,9 +63,13 @@ class VAEDecoder(StageReplica):
     async def upscale(self, denoised: Denoised, width: int, height: int, upscaler: str) -> InitImage:
         """The hires fix's middle: a first pass's latents brought to ``width`` x ``height`` by
         ``upscaler`` (in latent space, or decoded, resized and encoded again)."""
+        import torch
+
+        from pipeline.upscale import upscale_for_second_pass
+
         model = await self.get_model(denoised.model)
-        return await self.worker.run(upscale_for_second_pass, model, denoised.latents, width,
-                                     height, upscaler)
+        return await self.worker.run(upscale_for_second_pass, model, torch.from_numpy(denoised.latents),
+                                     width, height, upscaler)
 
     async def encode(self, source: SourceImage) -> InitImage:
         """An init image (and its mask) as the latents its denoising starts from."""
@@ -79,6 +87,8 @@ class VAEDecoder(StageReplica):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _encode_batch(self, items: list[EncodeItem]) -> list[InitImage | Exception]:
+        from pipeline.init_image import encode_init_images
+
         return await self.worker.run(
             run_grouped, items, lambda item: (id(item[1]), item[0].pixels.shape),
             lambda group: encode_init_images(group[0][1], [source for source, _ in group]))
@@ -86,8 +96,13 @@ class VAEDecoder(StageReplica):
     @staticmethod
     def _decode_group(items: list[DecodeItem]) -> list[Decoded]:
         """One VAE forward for requests of one model and latent shape, on the torch thread."""
+        import torch
+
+        from pipeline.vae import decode_latents
+
         start = time.perf_counter()
-        pixels = decode_latents(items[0][3], torch.cat([item[0].latents for item in items]))
+        latents = np.concatenate([item[0].latents for item in items])
+        pixels = decode_latents(items[0][3], torch.from_numpy(latents))
         pngs = [encode_png(image if init is None else init.overlay(image), parameters)
                 for image, (_, parameters, init, _) in zip(pixels, items)]
         ms = (time.perf_counter() - start) * 1000

@@ -11,7 +11,6 @@ the thread that runs the UNet.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,25 +23,10 @@ from pipeline.errors import InvalidRequestError
 from pipeline.init_image import InitImage, inpainting_conditioning
 from pipeline.model import DiffusionModel
 from pipeline.preview import LatentRGB
-from pipeline.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, make_sampler
-from pipeline.unet.cache_config import FirstBlockCacheConfig
+from pipeline.request_params import DenoiseParams
+from pipeline.samplers import make_sampler
 from pipeline.unet.first_block_cache import FirstBlockCache
 from pipeline.unet.forward import ConditionRows, UNetRows
-
-
-@dataclass(frozen=True)
-class DenoiseParams:
-    """One image's denoising settings."""
-
-    width: int
-    height: int
-    steps: int = 20
-    guidance_scale: float = 5.0
-    seed: int = 0
-    sampler: str = DEFAULT_SAMPLER
-    schedule: str = DEFAULT_SCHEDULE  # A1111's scheduler: Karras, Exponential... (pipeline.samplers)
-    cache: FirstBlockCacheConfig | None = None  # First Block Cache; None: off (the API fills family defaults)
-    strength: float = 1.0  # with an init image: the fraction of the schedule run (1: all of it)
 
 
 def _initial_latents(model: DiffusionModel, params: DenoiseParams,

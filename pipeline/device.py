@@ -5,11 +5,9 @@ driver): CUDA is used only when torch says it is available.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Accelerator = Literal["auto", "cpu", "cuda"]
+from pipeline.accelerator import Accelerator
 
 
 def select_device(accelerator: Accelerator = "auto") -> torch.device:

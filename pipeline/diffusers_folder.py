@@ -7,7 +7,6 @@ local files and safetensors only.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -17,53 +16,21 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipeline.device import for_inference, vae_dtype
-from pipeline.errors import ModelLoadError
-from pipeline.preview import read_latent_rgb
-from pipeline.model import (COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders,
-                            text_encoder_parts)
+from pipeline.folder_configs import read_index
+from pipeline.model import DiffusionModel, TextEncoders
+from pipeline.model_configs import COMPONENTS, Component, Family, text_encoder_parts
 
-_FAMILY_BY_PIPELINE: dict[str, Family] = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-}
 _TEXT_ENCODER_CLASSES = {
     "CLIPTextModel": CLIPTextModel,
     "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
 }
 
 
-def read_configs(path: Path) -> ModelConfigs:
-    """The folder's family and UNet, VAE and scheduler configs, from its JSON files."""
-    return _read(path)[1]
-
-
-def _read(path: Path) -> tuple[dict[str, Any], ModelConfigs]:
-    """``model_index.json`` (which names the text encoders' classes) and the configs."""
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(f"{path}: not a diffusers model folder (no model_index.json)")
-    index = json.loads(index_file.read_text())
-    family = _FAMILY_BY_PIPELINE.get(index.get("_class_name", ""))
-    if family is None:
-        raise ModelLoadError(f"{path}: pipeline {index.get('_class_name')!r} is not SD1.5 or SDXL")
-
-    def read(relative: str) -> dict[str, Any]:
-        file = path / relative
-        if not file.is_file():
-            raise ModelLoadError(f"{path.name}: incomplete {family} folder (no {relative})")
-        return json.loads(file.read_text())
-
-    return index, ModelConfigs.with_index(family, index, unet=read("unet/config.json"),
-                                          vae=read("vae/config.json"),
-                                          scheduler=read("scheduler/scheduler_config.json"),
-                                          latent_rgb=read_latent_rgb(path))
-
-
 def load_folder(path: Path, *, components: Collection[Component] = COMPONENTS,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 name: str | None = None) -> DiffusionModel:
     """Load ``components`` of an SD1.5 or SDXL diffusers folder."""
-    index, configs = _read(path)
+    index, configs = read_index(path)
     loaded: dict[Component, Any] = {}
     if "text_encoders" in components:
         loaded["text_encoders"] = _text_encoders(path, index, configs.family, device, dtype)

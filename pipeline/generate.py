@@ -10,9 +10,10 @@ import torch
 
 from pipeline.conditioning import encode_prompts
 from pipeline.vae import decode_latents
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine, EngineResult
-from pipeline.init_image import SourceImage, encode_init_images
+from pipeline.init_image import encode_init_images
+from pipeline.request_params import SourceImage
 from pipeline.model import DiffusionModel
 
 

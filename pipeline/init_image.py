@@ -9,29 +9,15 @@ input, pixel for pixel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.model import DiffusionModel
+from pipeline.request_params import InpaintingFill, SourceImage
 from pipeline.vae import encode_pixels
-
-InpaintingFill = Literal["fill", "original", "latent noise", "latent nothing"]
-"""A1111's ``inpainting_fill`` (0-3): what the masked area starts from. ``fill`` is applied to
-the pixels before encoding (by the caller); the latent ones in the ``Trajectory``."""
-
-
-@dataclass(frozen=True)
-class SourceImage:
-    """An init image as the caller sent it, sized to the request: what the VAE stage encodes."""
-
-    model: str
-    pixels: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray | None = None  # (H, W) uint8, 255: repaint; already blurred and inverted
-    fill: InpaintingFill = "original"
-
 
 @dataclass
 class InitImage:

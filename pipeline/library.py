@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InvalidRequestError, ModelLoadError, NotFoundError
-from pipeline.loading import describe_model
+from pipeline.model_files import describe_model
 from pipeline.pickles import SAFETENSORS, pickle_named, refusal
 
 

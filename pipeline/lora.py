@@ -10,7 +10,9 @@ text-encoding stage before it encodes. A load is two parts: ``read`` (the file, 
 thread) and ``load`` (the injection, on it); servers do both when a request arrives, so the
 ``activate`` of a step only sets weights. A LoRA's parts go where their weights live: into the UNet
 and text encoders the model holds (a Denoiser's model holds only the UNet, a TextEncoder's only
-the text encoders), the rest of the file is not used there.
+the text encoders), the rest of the file is not used there. A compiled UNet is the exception: it
+holds one slot adapter that each set is written into (``pipeline.lora_slot``), so that a switch
+never recompiles it; the manager keeps each LoRA's UNet factors off the model for that.
 """
 from __future__ import annotations
 
@@ -42,11 +44,12 @@ from safetensors.torch import load_file
 
 from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary
-from pipeline.model import DiffusionModel, text_encoder_names
+from pipeline.lora_set import LoraSet, normalize_loras
+from pipeline.lora_slot import LoraFactors, LoraSlot, take_factors
+from pipeline.model import DiffusionModel
+from pipeline.model_configs import text_encoder_names
 from pipeline.pickles import SAFETENSORS
 
-LoraSet = tuple[tuple[str, float], ...]
-"""Canonical LoRA set: (name, weight) pairs sorted by name, no zero weights, no repeats."""
 _UNET_MODULES = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.",
                  "add_embedding.")
 _LORA_KEY = re.compile(r"lora_(down|up|A|B)\.|lora\.(down|up)\.|lora_linear_layer|\.alpha$|dora_scale"
@@ -54,15 +57,6 @@ _LORA_KEY = re.compile(r"lora_(down|up|A|B)\.|lora\.(down|up)\.|lora_linear_laye
 _QUIET_LOGGERS = ("transformers.integrations.peft", "transformers.utils.loading_report",
                   "diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline",
                   "diffusers.utils.peft_utils", "peft")
-
-
-def normalize_loras(loras: Iterable[tuple[str, float]]) -> LoraSet:
-    """One key per effective set: repeated names add up (as applying a LoRA twice would), zero
-    weights drop out (they change nothing), order is by name. Use it to group a batch."""
-    total: dict[str, float] = {}
-    for name, weight in loras:
-        total[name] = total.get(name, 0.0) + float(weight)
-    return tuple(sorted((name, weight) for name, weight in total.items() if weight != 0.0))
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -142,6 +136,11 @@ class AdapterManager:
         self._serial = 0
         self._active: LoraSet | None = ()  # None: the components' state is unknown (after a failure)
         self.loads = 0  # LoRA files loaded so far (a set switch that reloads nothing adds none)
+        # A compiled UNet takes its LoRAs through one slot adapter (``pipeline.lora_slot``): each
+        # LoRA's UNet factors are kept here, off the UNet, and a set is written into the slot.
+        unet = self._components.get("unet")
+        self.slot = LoraSlot(unet) if unet is not None and model.unet_parts.compiled else None
+        self._unet_factors: dict[str, LoraFactors] = {}  # adapter name -> its UNet factors
 
     @property
     def loaded(self) -> tuple[str, ...]:
@@ -191,7 +190,12 @@ class AdapterManager:
     def _apply(self, wanted: LoraSet) -> None:
         for name, component in self._components.items():
             held = [(self._adapters[n], w) for n, w in wanted if name in self._where[self._adapters[n]]]
-            if name == "unet":
+            if name == "unet" and self.slot is not None:
+                if held:
+                    self.slot.write([(self._unet_factors[a], w) for a, w in held])
+                else:
+                    self.slot.clear()
+            elif name == "unet":
                 if held:
                     component.enable_lora()
                     component.set_adapters([a for a, _ in held], [w for _, w in held])
@@ -239,6 +243,10 @@ class AdapterManager:
                     self._mixin.load_lora_into_unet(state_dict, alphas, self._components["unet"],
                                                     adapter_name=adapter, metadata=metadata)
                     self._where[adapter].append("unet")
+                    if self.slot is not None:  # its factors kept, the adapter itself taken out
+                        self._unet_factors[adapter] = take_factors(self._components["unet"], adapter,
+                                                                   lora.name)
+                        self._components["unet"].delete_adapters(adapter)
                 for prefix in self._encoder_names:
                     part = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
                     if prefix not in self._components or not part:
@@ -249,6 +257,9 @@ class AdapterManager:
                         part, alphas, self._components[prefix], prefix=prefix, adapter_name=adapter,
                         metadata=metadata)
                     self._where[adapter].append(prefix)
+        except InvalidRequestError:
+            self._unload(adapter)
+            raise
         except Exception as error:  # shapes that do not fit, modules the model lacks
             self._unload(adapter)
             raise InvalidRequestError("loras", f"{lora.name}: does not fit model {self._model_name!r} "
@@ -259,6 +270,7 @@ class AdapterManager:
     def _unload(self, adapter: str) -> None:
         """Delete ``adapter`` wherever it was injected, even partly (a load that failed)."""
         self._where.pop(adapter, None)
+        self._unet_factors.pop(adapter, None)
         for name, component in self._components.items():
             if adapter not in (getattr(component, "peft_config", None) or {}):
                 continue

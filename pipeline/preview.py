@@ -12,8 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # no torch import here: the API process reads model metadata through this module
+    import torch
 
 LATENT_RGB_FILE = "vae/latent_rgb.json"
 
@@ -38,10 +42,10 @@ class LatentRGB:
         if latents.shape[0] != len(self.factors):
             raise ValueError(f"{latents.shape[0]} latent channels, the preview map has "
                              f"{len(self.factors)}")
-        weight = torch.tensor(self.factors, dtype=torch.float32, device=latents.device)
-        bias = torch.tensor(self.bias, dtype=torch.float32, device=latents.device)
+        weight = latents.new_tensor(self.factors).float()
+        bias = latents.new_tensor(self.bias).float()
         rgb = latents.detach().float().movedim(0, -1) @ weight + bias
-        return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+        return ((rgb + 1) * 127.5).clamp(0, 255).round().byte().cpu().numpy()
 
 
 FAMILY_LATENT_RGB: dict[str, LatentRGB] = {  # ComfyUI's comfy/latent_formats.py

@@ -30,7 +30,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from transformers import CLIPTokenizer
 
-from pipeline.embeddings import TextEmbedding, check_fits, embedding_field, embedding_spans
+from pipeline.embeddings import TextEmbedding, check_fits
+from pipeline.embedding_library import embedding_field, embedding_spans
 from pipeline.errors import InvalidRequestError
 from pipeline.model import DiffusionModel
 

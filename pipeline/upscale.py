@@ -8,35 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.errors import InvalidRequestError
 from pipeline.init_image import InitImage
 from pipeline.model import DiffusionModel
+from pipeline.upscaler_names import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from pipeline.vae import decode_latents, encode_pixels
-
-LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
-    "Latent": ("bilinear", False),
-    "Latent (antialiased)": ("bilinear", True),
-    "Latent (bicubic)": ("bicubic", False),
-    "Latent (bicubic antialiased)": ("bicubic", True),
-    "Latent (nearest)": ("nearest", False),
-    "Latent (nearest-exact)": ("nearest-exact", False),
-}
-"""A1111's latent modes: torch's interpolation and whether it antialiases."""
-PIXEL_UPSCALERS: dict[str, Image.Resampling] = {
-    "None": Image.Resampling.LANCZOS,  # A1111's "None": a plain resize
-    "Lanczos": Image.Resampling.LANCZOS,
-    "Nearest": Image.Resampling.NEAREST,
-}
-UPSCALERS: tuple[str, ...] = (*LATENT_UPSCALE_MODES, *PIXEL_UPSCALERS)
-
-
-def canonical_upscaler(name: str, field: str = "hr_upscaler") -> str:
-    """The A1111 spelling of ``name`` (case-insensitive), or InvalidRequestError naming ``field``."""
-    for known in UPSCALERS:
-        if known.lower() == name.strip().lower():
-            return known
-    raise InvalidRequestError(field, f"unknown upscaler {name!r}; choose one of {', '.join(UPSCALERS)}")
-
 
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """(1, C, h, w) latents at latent ``size`` (h, w), by the latent mode ``mode``."""

@@ -26,7 +26,8 @@ from pipeline.checkpoints.layout import (
 )
 from pipeline.clip_tokenizer import VOCAB_SIZE, clip_vocabulary
 from pipeline.diffusers_folder import load_folder
-from pipeline.model import DiffusionModel, text_encoder_parts
+from pipeline.model import DiffusionModel
+from pipeline.model_configs import text_encoder_parts
 
 Tensors = dict[str, torch.Tensor]
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",

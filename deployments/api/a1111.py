@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.images import png_base64
 from pipeline.prompt_loras import parse_prompt_loras
-from pipeline.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, resolve_sampler
-from pipeline.upscale import canonical_upscaler
+from pipeline.sampler_names import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, resolve_sampler
+from pipeline.upscaler_names import canonical_upscaler
 
 from deployments.api.errors import ApiError, in_callers_terms
 from deployments.api.generation import Generation, HiresFix, ServedModels

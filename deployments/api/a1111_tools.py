@@ -16,7 +16,6 @@ import os
 from typing import Annotated, Any, Literal
 
 import psutil
-import torch
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -181,22 +180,10 @@ def memory() -> dict[str, Any]:
 
 
 def _cuda_memory() -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"error": "unavailable: the Ingress replica that answered has no GPU (the "
-                         "models are held by the TextEncoder, Denoiser and VAEDecoder replicas)"}
-    try:
-        free, total = torch.cuda.mem_get_info()
-        stats = torch.cuda.memory_stats()
-    except Exception as error:  # noqa: BLE001
-        return {"error": str(error)}
-
-    def pair(key: str) -> dict[str, int]:
-        return {"current": stats.get(f"{key}.all.current", 0), "peak": stats.get(f"{key}.all.peak", 0)}
-
-    return {"system": {"free": free, "used": total - free, "total": total},
-            "active": pair("active_bytes"), "allocated": pair("allocated_bytes"),
-            "reserved": pair("reserved_bytes"), "inactive": pair("inactive_split_bytes"),
-            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    """The Ingress is placed with no GPU (``deployments.placement``): the figures A1111 gives
+    here belong to the stage replicas, which ``/metrics`` reports."""
+    return {"error": "unavailable: the Ingress replica that answered has no GPU (the "
+                     "models are held by the TextEncoder, Denoiser and VAEDecoder replicas)"}
 
 
 class A1111Tools:

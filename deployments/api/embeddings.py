@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pipeline.embeddings import FAMILY_NAMES, EmbeddingInfo
+from pipeline.embedding_library import FAMILY_NAMES, EmbeddingInfo
 
 from deployments.api.generation import ServedModels
 

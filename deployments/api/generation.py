@@ -15,12 +15,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.embeddings import EmbeddingInfo, EmbeddingLibrary, PromptEmbeddings
+from pipeline.embedding_library import EmbeddingInfo, EmbeddingLibrary, PromptEmbeddings
 from pipeline.errors import InvalidRequestError
-from pipeline.init_image import SourceImage
+from pipeline.request_params import SourceImage
 from pipeline.library import LoraLibrary, ModelCatalog, ModelInfo
-from pipeline.lora import LoraSet, normalize_loras
-from pipeline.samplers import DEFAULT_SCHEDULE, resolve_sampler
+from pipeline.lora_set import LoraSet, normalize_loras
+from pipeline.sampler_names import DEFAULT_SCHEDULE, resolve_sampler
 from pipeline.seeds import MAX_SEED, resolve_seed
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 

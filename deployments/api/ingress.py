@@ -14,7 +14,7 @@ from pydantic import BaseModel, PositiveFloat
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.embeddings import EmbeddingLibrary
+from pipeline.embedding_library import EmbeddingLibrary
 from pipeline.library import LoraLibrary
 
 from deployments.api import a1111, a1111_tools, jobs, native, openai, page

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from pipeline.init_image import InpaintingFill, SourceImage
+from pipeline.request_params import InpaintingFill, SourceImage
 
 from deployments.api.generation import Generation
 from deployments.api.image_input import resize_image

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, JSONServerSentEvent
 
 from pipeline.images import png_base64
-from pipeline.samplers import DEFAULT_SAMPLER
+from pipeline.sampler_names import DEFAULT_SAMPLER
 
 from deployments.api.embeddings import native_embeddings
 from deployments.api.errors import ApiError, error_body, error_response, internal_error_body

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 
 from deployments.api.errors import current_request_id
 from deployments.api.faults import is_fault, translate

@@ -57,7 +57,7 @@ class Header:
 def read_header(path: Path) -> Header:
     """Key shapes and metadata of a ``.safetensors`` file, reading only its header."""
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="numpy") as f:  # a header read needs no torch
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             metadata = dict(f.metadata() or {})
     except Exception as error:  # safetensors raises its own error types for a bad header

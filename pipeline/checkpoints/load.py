@@ -32,32 +32,15 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipeline.checkpoints.configs import (
-    assemble,
-    clip_dimensions,
-    open_clip_dimensions,
-    pooled_width,
-    unet_dimensions,
-    vae_dimensions,
-)
-from pipeline.checkpoints.layout import (
-    CLIP_SD15,
-    CLIP_SDXL,
-    OPEN_CLIP_SDXL,
-    UNET,
-    VAE,
-    Header,
-    Shapes,
-    detect_family,
-    read_header,
-    with_prefix,
-)
+from pipeline.checkpoints.configs import assemble, clip_dimensions, open_clip_dimensions
+from pipeline.checkpoints.layout import (CLIP_SD15, CLIP_SDXL, OPEN_CLIP_SDXL, UNET, VAE, Header, Shapes, with_prefix)
+from pipeline.checkpoints.describe import read_configs
 from pipeline.clip_tokenizer import clip_tokenizer, tokenizer_from_files
 from pipeline.configs import bundled_config
 from pipeline.device import for_inference, vae_dtype
 from pipeline.errors import ModelLoadError
-from pipeline.model import (COMPONENTS, Component, DiffusionModel, Family, ModelConfigs, TextEncoders,
-                            text_encoder_parts)
+from pipeline.model import DiffusionModel, TextEncoders
+from pipeline.model_configs import COMPONENTS, Component, Family, ModelConfigs, text_encoder_parts
 from pipeline.pickles import SAFETENSORS
 
 # from_single_file ends with ``model.to(torch_dtype)``, on which diffusers 0.42 warns about the
@@ -68,26 +51,6 @@ logging.getLogger("diffusers.models.modeling_utils").addFilter(
 Tensors = dict[str, torch.Tensor]
 ReadTensors = Callable[[str, torch.dtype], Tensors]  # (key prefix, dtype) -> that component's tensors
 Dimensions = Callable[[Shapes], dict[str, Any]]  # a component's shapes -> its config's dimensions
-
-
-def read_configs(path: Path) -> tuple[Header, ModelConfigs]:
-    """The file's header, and its family and UNet, VAE and scheduler configs from it alone."""
-    header = read_header(path)
-    family: Family = detect_family(header.shapes)  # type: ignore[assignment]
-    settings = header.settings
-    try:
-        unet = assemble(family, "unet", unet_dimensions(with_prefix(header.shapes, UNET),
-                                                        pooled_width(header.shapes)), settings)
-        vae = assemble(family, "vae", vae_dimensions(with_prefix(header.shapes, VAE)), settings)
-    except KeyError as error:  # a tensor the layout needs is not in the file
-        raise ModelLoadError(f"{path.name}: incomplete {family} checkpoint (no {error.args[0]!r})") from None
-    scheduler = dict(settings.get("scheduler") or bundled_config(family, "scheduler"))
-    if "v_pred" in header.shapes:  # ComfyUI's marker keys for v-prediction / zero-terminal-SNR models
-        scheduler["prediction_type"] = "v_prediction"
-    if "ztsnr" in header.shapes:
-        scheduler["rescale_betas_zero_snr"] = True
-    index = {**bundled_config(family, "model_index"), **settings.get("model_index", {})}
-    return header, ModelConfigs.with_index(family, index, unet=unet, vae=vae, scheduler=scheduler)
 
 
 def load_checkpoint(path: str | Path, *, components: Collection[Component] = COMPONENTS,

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-from pipeline.lora import LoraSet
+from pipeline.lora_set import LoraSet
 from pipeline.model import DiffusionModel
 
 # Reads the files of what the model lacks of a LoRA set (blocking file work, never on the UNet's

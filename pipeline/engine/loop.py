@@ -7,14 +7,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.conditioning import Conditioning
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.engine.adapters import AdapterLoader, ReadAdapters
 from pipeline.engine.observer import EngineObserver, SilentObserver
 from pipeline.engine.request import ActiveRequest, EngineResult, OnStep
 from pipeline.engine.runner import ActivateAdapters, run_step
 from pipeline.engine.scheduler import pick_step_group
 from pipeline.init_image import InitImage
-from pipeline.lora import LoraSet
+from pipeline.lora_set import LoraSet
 from pipeline.memory import IDLE_BEFORE_RELEASE_S, release_freed_memory
 from pipeline.model import DiffusionModel
 

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.denoise import Trajectory
 from pipeline.errors import InvalidRequestError
-from pipeline.lora import LoraSet
+from pipeline.lora_set import LoraSet
 from pipeline.model import DiffusionModel
 
 logger = logging.getLogger(__name__)

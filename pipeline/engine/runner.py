@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from pipeline.denoise import Trajectory
-from pipeline.lora import LoraSet
+from pipeline.lora_set import LoraSet
 from pipeline.model import DiffusionModel
 from pipeline.unet.first_block_cache import FirstBlockCache
 

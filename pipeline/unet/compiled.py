@@ -16,15 +16,14 @@ What the engine needs and how it is met:
 - First Block Cache's split: the head runs for all rows, the tail for the rows that missed, the
   output layers for those that need them, each its own compiled graph with a dynamic row count;
   the plain forward (no cache in the batch) is the same three graphs one after the other.
-- LoRA sets: peft keeps adapters as extra modules and their weights (scales) as Python floats
-  on them; dynamo guards on both. A switch never crashes and never gives a stale result
-  (``tests/unit/test_compiled_unet.py``), but it is NOT free: the first injection (new module
-  types) and every new combination of the loaded adapters' weights recompile the head and the
-  tail (2 graphs; measured on the built-in model: every one of 5 switches, a set seen before
-  included, since ``AdapterManager`` keeps inactive adapters at weight 0). The recompile limit
-  is raised to ``recompile_limit``; beyond it dynamo runs that part eagerly, still correct.
-  Serving many LoRA sets from a compiled model wants fixed adapter slots with tensor scales
-  (peft's hotswap preparation), not done here.
+- LoRA sets: peft keeps adapters as extra modules and their scales as Python floats on them,
+  and dynamo guards on both, so a compiled UNet takes its LoRAs through one fixed adapter that
+  every set is written into (``pipeline.lora_slot``, used by ``AdapterManager`` for a model whose
+  parts are compiled): switching among sets seen before compiles nothing (measured on the built-in
+  model: 5 sets twice over, the second round added no graph; as separate adapters every switch
+  recompiled the head and the tail). The recompile limit is raised to ``recompile_limit`` for
+  what still compiles (the slot growing, new resolutions); beyond it dynamo runs that part
+  eagerly, still correct.
 - Resolutions: warm-up compiles the native latent size; the first request at another size
   compiles each part once more (the built-in model on this CPU: 88 s cold), after which dynamo
   has marked the spatial dims dynamic and every later size reuses that graph (checked at

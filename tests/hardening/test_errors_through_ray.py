@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from deployments.api.errors import ApiError
 from deployments.api.faults import root_cause, translate
 from deployments.messages import EncodeRequest
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.errors import (InvalidRequestError, MissingComponentError, ModelLoadError,
                              NotFoundError, UnsafeWeightsError)
 from pipeline.generate import generate

@@ -13,7 +13,7 @@ from ray import serve
 
 from deployments.messages import EncodeRequest
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.errors import InvalidRequestError
 from pipeline.loading import load_model
 from tools.checkpoint_writer import save_checkpoint
@@ -72,4 +72,4 @@ def test_a_diverging_request_fails_alone_through_ray(service: httpx.Client):
         responses.pop(1).result(timeout_s=120)
     assert caught.value.field == "guidance_scale" and "diverged" in caught.value.message
     for response in responses:
-        assert torch.allclose(response.result(timeout_s=120).latents, alone, atol=1e-4)
+        assert np.allclose(response.result(timeout_s=120).latents, alone, atol=1e-4)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.samplers import SAMPLERS, SCHEDULES
+from pipeline.sampler_names import SAMPLERS, SCHEDULES
 from tools.tiny_shapes.world import classify
 
 from tests.integration.conftest import png_pixels

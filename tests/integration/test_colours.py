@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.unet.cache_config import default_cache_config
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate
 from tools.tiny_shapes.world import COLOURS, HELD_OUT_SCENES, SHAPES, Scene, classify
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.unet.cache_config import default_cache_config
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate
 
 from tests.integration.conftest import png_pixels

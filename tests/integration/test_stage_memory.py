@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.unet.cache_config import default_cache_config
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate
 from pipeline.images import encode_png
 from pipeline.loading import load_model

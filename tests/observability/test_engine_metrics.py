@@ -10,7 +10,7 @@ import pytest
 from deployments import metrics
 from deployments.metrics import EngineMetrics
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 
 

@@ -26,7 +26,7 @@ import yaml  # noqa: E402
 
 from deployments.settings import PROJECT_ROOT  # noqa: E402
 from pipeline.unet.cache_config import default_cache_config  # noqa: E402
-from pipeline.denoise import DenoiseParams  # noqa: E402
+from pipeline.request_params import DenoiseParams  # noqa: E402
 from pipeline.generate import generate  # noqa: E402
 from pipeline.loading import load_model  # noqa: E402
 from tools.local_serve import deploy_config, free_port, wait_http  # noqa: E402

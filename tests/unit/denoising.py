@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.conditioning import Conditioning
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.engine.runner import run_step
 from pipeline.model import DiffusionModel
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate_batch
 from tools.tiny_shapes.world import HELD_OUT_SCENES, TRAIN_SCENES, Scene, is_correct
 

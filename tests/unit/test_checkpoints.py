@@ -10,15 +10,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoints import METADATA_KEY
+from pipeline.checkpoints.layout import METADATA_KEY
 from pipeline.checkpoints.configs import unet_dimensions, vae_dimensions
 from pipeline.checkpoints.layout import detect_family, read_header, with_prefix
 from pipeline.clip_tokenizer import clip_tokenizer
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.errors import ModelLoadError, UnsafeWeightsError
 from pipeline.generate import generate
-from pipeline.loading import describe_model, load_model
+from pipeline.loading import load_model
+from pipeline.model_files import describe_model
 from tools.checkpoint_writer import save_checkpoint
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 

@@ -1,12 +1,16 @@
-"""The shape of the code itself: no import cycles, no overlong functions, layers kept apart.
+"""The shape of the code itself: no import cycles, no overlong functions, layers kept apart,
+and the processes that only route requests kept free of the model libraries.
 
-Read from the source with ``ast`` (function-local imports count), so a cycle hidden inside a
-function, a Ray import in ``pipeline/`` or a product module importing test tooling fails here
-rather than in review.
+Read from the source with ``ast`` (function-local imports count), so a
+cycle hidden inside a function, a Ray import in ``pipeline/`` or a product module importing test
+tooling fails here rather than in review.
 """
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +127,25 @@ def test_no_function_over_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "peft")
+_ROUTING_PROCESS = """
+import json, sys
+from deployments.app import build_app
+from deployments.api.ingress import Ingress
+from deployments.job_queue import JobQueue
+build_app({"models": {"tiny-shapes": "models/tiny-shapes"}})
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))
+"""
+
+
+def test_the_app_builder_and_the_routing_deployments_import_no_model_library():
+    """``serve run`` builds the app in a Ray task, and the Ingress and JobQueue replicas only
+    route requests: none of them may pay torch's, diffusers' or transformers' seconds of import
+    at start-up (the stages import their heavy modules in their constructors). A module-level
+    import of one, anywhere on their import paths, fails this."""
+    done = subprocess.run([sys.executable, "-c", _ROUTING_PROCESS % (MODEL_LIBRARIES,)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

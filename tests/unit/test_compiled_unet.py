@@ -1,6 +1,7 @@
 """The compiled UNet (``compile: true``): the same latents as eager within fp tolerance, over
-batch sizes in and out of the row buckets, with First Block Cache off and on, across a LoRA
-switch; padding rows never reach a request; and the setting itself.
+batch sizes in and out of the row buckets, with First Block Cache off and on, across LoRA set
+switches (which compile nothing once each set was seen); padding rows never reach a request; and
+the setting itself.
 
 Inductor on the CPU (gcc) takes about a minute per compile of the built-in model's three parts,
 so the module compiles ONE model once (a module fixture) and every test shares it, the LoRA
@@ -21,7 +22,7 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from deployments.app import parse_args, stage_settings
 from deployments.settings import AppArgs, DenoiserKnobs, ModelEntry
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.library import LoraLibrary
 from pipeline.loading import load_model
@@ -170,20 +171,32 @@ def test_eager_is_the_default_and_unchanged(models):
     assert load_model(MODEL_DIR, components=("unet",)).unet_parts is EAGER
 
 
-def test_lora_switch_matches_eager_and_reports_recompiles(models, tmp_path, capsys):
-    """LAST in the module: the adapters change the shared UNet's modules."""
-    eager, compiled = models
-    write_lora_pair(eager, tmp_path, "a", seed=1)
-    write_lora_pair(eager, tmp_path, "c", seed=3)
-    manager = AdapterManager(eager, LoraLibrary(tmp_path), max_loaded=2)
-    requests = _requests(eager, None, count=2)
-    graphs = [recompiles()]
-    for loras in ([("a_kohya", 1.0)], [("c_kohya", 1.0)], [("a_kohya", 1.0)], [("a_kohya", 0.5)], []):
-        manager.activate(loras)  # the engine's activate_adapters, before each forward of the set
-        want = _run(eager, requests)
-        got = _run(compiled, requests)
-        for w, g in zip(want, got):
-            torch.testing.assert_close(g.latents, w.latents, atol=ATOL, rtol=0)
+def test_lora_sets_switch_without_recompiles_and_match_eager(models, tmp_path, capsys):
+    """LAST in the module: the slot adapter changes the shared UNet's modules. The compiled
+    model takes its LoRAs through one slot (``pipeline.lora_slot``); a separately loaded eager
+    model, holding them as separate peft adapters, gives the reference."""
+    _, compiled = models
+    reference = load_model(MODEL_DIR)
+    write_lora_pair(reference, tmp_path, "a", seed=1)
+    write_lora_pair(reference, tmp_path, "c", seed=3)
+    eager_manager = AdapterManager(reference, LoraLibrary(tmp_path), max_loaded=2)
+    compiled_manager = AdapterManager(compiled, LoraLibrary(tmp_path), max_loaded=2)
+    assert eager_manager.slot is None and compiled_manager.slot is not None
+    requests = _requests(reference, None, count=2)
+    sets = ([("a_kohya", 1.0)], [("c_peft", 1.0)], [("a_kohya", 1.0), ("c_peft", 0.5)],
+            [("a_kohya", 0.5)], [])
+    graphs = []
+    for _ in range(2):  # every set twice: the second time round nothing may compile
+        for loras in sets:
+            eager_manager.activate(loras)  # the engine's activate_adapters, before each forward
+            compiled_manager.activate(loras)
+            want = _run(reference, requests)
+            got = _run(compiled, requests)
+            for w, g in zip(want, got):
+                torch.testing.assert_close(g.latents, w.latents, atol=ATOL, rtol=0)
         graphs.append(recompiles())
     with capsys.disabled():
-        print(f"\ncompiled graphs after each LoRA set (a, c, a, a@0.5, none): {graphs}")
+        print(f"\ncompiled graphs after each round over 5 LoRA sets: {graphs}; "
+              f"slot rank {compiled_manager.slot.rank}, rebuilt {compiled_manager.slot.rebuilds}x")
+    assert graphs[1] == graphs[0]
+    assert compiled_manager.slot.rebuilds == 1  # made at the first LoRA, big enough for every set

@@ -19,7 +19,7 @@ from deployments.placement import actor_options
 from deployments.settings import AppArgs, Limits, Placement
 from pipeline.errors import NotFoundError
 from pipeline.library import ModelCatalog
-from pipeline.samplers import SAMPLERS, SCHEDULES
+from pipeline.sampler_names import SAMPLERS, SCHEDULES
 from tools.tiny_shapes import MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from deployments.messages import EncodeRequest
 from pipeline.conditioning import encode_prompts
-from pipeline.embeddings import (EmbeddingLibrary, LoadedEmbeddings, TextEmbedding,
-                                 embedding_spans, find_embeddings, read_embedding)
+from pipeline.embeddings import LoadedEmbeddings, TextEmbedding, read_embedding
+from pipeline.embedding_library import EmbeddingLibrary, embedding_spans, find_embeddings
 from pipeline.errors import InvalidRequestError, NotFoundError
 from pipeline.prompt_tokens import _embedding_ids, max_clip_skip
 from tools.embedding_files import random_vectors, write_embedding, write_tripwire_pickle

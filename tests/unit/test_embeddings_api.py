@@ -13,7 +13,7 @@ from deployments.api.errors import ApiError
 from deployments.api.generation import ServedModels
 from deployments.api.ingress import IngressSettings, build_api
 from deployments.settings import Limits, StageSettings
-from pipeline.embeddings import EmbeddingLibrary
+from pipeline.embedding_library import EmbeddingLibrary
 from pipeline.library import files_version
 from tools.embedding_files import random_vectors, write_embedding, write_tripwire_pickle
 from tools.tiny_shapes import MODEL_DIR

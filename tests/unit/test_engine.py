@@ -9,7 +9,7 @@ import torch
 
 from pipeline.conditioning import Conditioning, encode_prompts
 from pipeline.vae import decode_latents
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.unet.cache_config import FirstBlockCacheConfig
 from tests.unit.denoising import denoise

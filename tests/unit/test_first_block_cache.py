@@ -13,7 +13,8 @@ from diffusers import UNet2DConditionModel
 
 from pipeline.conditioning import encode_prompts
 from pipeline.vae import decode_latents
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.errors import InvalidRequestError
 from pipeline.unet.cache_config import FirstBlockCacheConfig, default_cache_config
 from pipeline.unet.cache_state import CacheState, extrapolation_weights

@@ -10,10 +10,10 @@ from PIL import Image
 
 from pipeline.conditioning import encode_prompts
 from pipeline.errors import InvalidRequestError
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate, generate_batch
 from pipeline.images import encode_png
-from pipeline.samplers import SAMPLERS, canonical_sampler_name
+from pipeline.sampler_names import SAMPLERS, canonical_sampler_name
 from pipeline.seeds import resolve_seed
 from tools.tiny_shapes.world import classify
 

@@ -12,13 +12,15 @@ import torch
 from PIL import Image
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.generate import generate_batch
-from pipeline.init_image import SourceImage, encode_init_images
+from pipeline.init_image import encode_init_images
+from pipeline.request_params import SourceImage
 from pipeline.loading import load_model
 from pipeline.unet.cache_config import default_cache_config
-from pipeline.upscale import UPSCALERS, upscale_for_second_pass
+from pipeline.upscale import upscale_for_second_pass
+from pipeline.upscaler_names import UPSCALERS
 from pipeline.vae import decode_latents
 from tools.random_models import build_random_sd15
 from tools.tiny_shapes.world import Scene, classify, draw

@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.errors import InvalidRequestError, NotFoundError
 from pipeline.library import CheckpointLibrary, LoraLibrary
 from pipeline.loading import load_model
-from pipeline.lora import AdapterManager, normalize_loras
+from pipeline.lora import AdapterManager
+from pipeline.lora_set import normalize_loras
 from pipeline.prompt_loras import parse_prompt_loras
 from tools.checkpoint_writer import unet_to_ldm
 from tools.random_models import write_lora_pair

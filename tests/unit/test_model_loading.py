@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import MissingComponentError, ModelLoadError, UnsafeWeightsError
 from pipeline.loading import load_model
 from pipeline.memory import component_bytes
-from pipeline.model import COMPONENTS
+from pipeline.model_configs import COMPONENTS
 from tools.checkpoint_writer import save_checkpoint
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 

@@ -27,8 +27,9 @@ from diffusers import (
 from diffusers.schedulers import AysSchedules
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
-from pipeline.samplers import SAMPLERS, EulerAncestralScheduler, scheduler_setup
+from pipeline.request_params import DenoiseParams
+from pipeline.sampler_names import SAMPLERS
+from pipeline.samplers import EulerAncestralScheduler, scheduler_setup
 from tests.unit.denoising import denoise
 from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
-from pipeline.model import ModelConfigs
+from pipeline.model_configs import ModelConfigs
 from pipeline.preview import FAMILY_LATENT_RGB, LatentRGB
 from tools.tiny_shapes.world import classify
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams, Trajectory
+from pipeline.denoise import Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.errors import InvalidRequestError
-from pipeline.samplers import (SAMPLERS, SCHEDULES, canonical_schedule_name, make_sampler,
-                               resolve_sampler, scheduler_setup)
+from pipeline.sampler_names import SAMPLERS, SCHEDULES, canonical_schedule_name, resolve_sampler
+from pipeline.samplers import make_sampler, scheduler_setup
 from pipeline.unet.cache_config import FirstBlockCacheConfig
 from tests.unit.denoising import denoise
 

@@ -14,7 +14,8 @@ from deployments.model_store import ModelSlot, ModelStore
 from deployments.torch_worker import TorchWorker
 from deployments.settings import StageSettings
 from pipeline.conditioning import encode_prompts
-from pipeline.denoise import DenoiseParams, FiniteWatch, Trajectory
+from pipeline.denoise import FiniteWatch, Trajectory
+from pipeline.request_params import DenoiseParams
 from pipeline.engine import DenoiseEngine
 from pipeline.errors import InvalidRequestError
 from pipeline.library import LoraLibrary, files_version

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.denoise import DenoiseParams
+from pipeline.request_params import DenoiseParams
 from pipeline.generate import generate_batch
 from pipeline.loading import load_model
 from tools.tiny_shapes import MODEL_DIR, world
