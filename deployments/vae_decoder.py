@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     EncodeItem = tuple[SourceImage, DiffusionModel]
 
 
-
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=32)
 class VAEDecoder(StageReplica):
     async def __init__(self, settings: StageSettings, knobs: BatchKnobs) -> None:

@@ -18,6 +18,7 @@ _FAMILY_BY_PIPELINE: dict[str, Family] = {
     "StableDiffusionXLPipeline": "sdxl",
 }
 
+
 def read_configs(path: Path) -> ModelConfigs:
     """The folder's family and UNet, VAE and scheduler configs, from its JSON files."""
     return read_index(path)[1]

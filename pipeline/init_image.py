@@ -19,6 +19,7 @@ from pipeline.model import DiffusionModel
 from pipeline.request_params import InpaintingFill, SourceImage
 from pipeline.vae import encode_pixels
 
+
 @dataclass
 class InitImage:
     """A request's start, encoded: CPU tensors and arrays only (it crosses stages)."""

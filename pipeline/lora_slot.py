@@ -12,9 +12,9 @@ forward then adds exactly the sum peft adds with the LoRAs as separate adapters.
 
 What recompiles, once each: the first set (the slot's layers are new), a LoRA on a layer the slot
 does not cover yet or a set of more rank than it holds (the slot is rebuilt over the union, its
-rank the next power of two; it starts at ``MIN_RANK``), and going between a set and none (``disable_lora``: two variants,
-each compiled once). DoRA and LoRAs with a bias do not reduce to two factors: they are refused on
-a compiled model.
+rank the next power of two; it starts at ``MIN_RANK``), and going between a set and none
+(``disable_lora``: two variants, each compiled once). DoRA and LoRAs with a bias do not reduce
+to two factors: they are refused on a compiled model.
 """
 from __future__ import annotations
 

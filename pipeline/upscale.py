@@ -13,6 +13,7 @@ from pipeline.model import DiffusionModel
 from pipeline.upscaler_names import LATENT_UPSCALE_MODES, PIXEL_UPSCALERS
 from pipeline.vae import decode_latents, encode_pixels
 
+
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """(1, C, h, w) latents at latent ``size`` (h, w), by the latent mode ``mode``."""
     method, antialias = LATENT_UPSCALE_MODES[mode]

@@ -22,6 +22,8 @@ from tools.tiny_shapes import MODEL_DIR as BUILTIN_MODEL
 from tests.unit.denoising import denoise
 
 PROMPT = "a red circle on a blue background"
+
+
 def latents(model, prompt: str = PROMPT, steps: int = 3) -> torch.Tensor:
     conditioning = encode_prompts(model, [prompt], [None])[0]
     size = model.native_size
