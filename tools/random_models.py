@@ -110,6 +110,16 @@ def _pairs(module: torch.nn.Module, targets: tuple[str, ...], rank: int, generat
             yield name, down, up
 
 
+def write_unet_lora(unet: torch.nn.Module, path: Path, seed: int, rank: int = 16) -> None:
+    """A random diffusers/peft-format LoRA on ``unet``'s attention projections alone, for a
+    model loaded without text encoders (the benchmarks' full-size UNets)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, down, up in _pairs(unet, UNET_TARGETS, rank, generator):
+        tensors |= {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up * 0.1}
+    save_file(tensors, path)
+
+
 def write_lora_pair(model, folder: Path, stem: str, seed: int, rank: int = 4, *, unet_keys=None,
                     text_targets: tuple[str, ...] = TEXT_TARGETS) -> None:
     """The same LoRA twice: ``{stem}_kohya`` (alpha = rank/2, so scale 0.5) and ``{stem}_peft``
