@@ -64,8 +64,8 @@ def take_factors(unet: UNet2DConditionModel, adapter: str, lora: str) -> LoraFac
             raise InvalidRequestError("loras", f"{lora}: DoRA and LoRAs with a bias cannot run on a "
                                       "compiled model (compile: true); serve it from another model entry")
         down = module.lora_A[adapter].weight.detach().clone()
-        up = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
-        factors[name] = LayerFactors(down, up.clone())
+        up = module.lora_B[adapter].weight.detach() * module.scaling[adapter]  # a new tensor
+        factors[name] = LayerFactors(down, up)
     return factors
 
 
@@ -76,6 +76,7 @@ class LoraSlot:
     def __init__(self, unet: UNet2DConditionModel) -> None:
         self.unet = unet
         self.layers: frozenset[str] = frozenset()
+        self._modules: dict[str, LoraLayer] = {}  # the slot's layers, found once per rebuild
         self.rank = 0
         self.rebuilds = 0  # times the slot was (re)made: each is a recompile of the parts
 
@@ -86,10 +87,9 @@ class LoraSlot:
         rank = max((sum(f[layer].rank for f, _ in loras if layer in f) for layer in layers), default=1)
         if not layers <= self.layers or rank > self.rank:
             self._rebuild(self.layers | layers, max(self.rank, MIN_RANK, 1 << (rank - 1).bit_length()))
-        modules = dict(self.unet.named_modules())
         with torch.no_grad():
-            for layer in self.layers:
-                down, up = modules[layer].lora_A[SLOT].weight, modules[layer].lora_B[SLOT].weight
+            for layer, module in self._modules.items():
+                down, up = module.lora_A[SLOT].weight, module.lora_B[SLOT].weight
                 down.zero_()
                 up.zero_()
                 start = 0
@@ -113,4 +113,5 @@ class LoraSlot:
         # alpha = rank: scale 1; the factors carry each LoRA's own scale
         self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern), adapter_name=SLOT)
         self.layers, self.rank = layers, rank
+        self._modules = {name: module for name, module in self.unet.named_modules() if name in layers}
         self.rebuilds += 1
